@@ -1,0 +1,235 @@
+"""Toy 2-D data, and Gaussian mixtures whose denoiser is known exactly at every noise level.
+
+For x0 ~ sum_k w_k N(mu_k, S_k) and x = x0 + sigma eps, the noisy marginal is
+p_sigma = sum_k w_k N(mu_k, S_k + sigma^2 I), and the optimal denoiser (Tweedie's formula,
+Efron 2011; EDM eq. 2-3) is the posterior mean
+    D(x, sigma) = sum_k r_k(x) [mu_k + S_k (S_k + sigma^2 I)^-1 (x - mu_k)],
+with responsibilities r_k(x) proportional to w_k N(x; mu_k, S_k + sigma^2 I). Its score is
+(D(x, sigma) - x) / sigma^2, so the PF-ODE of a mixture can be integrated exactly: the
+"perfect teacher" that separates what a sampler loses from what training loses.
+The other toy sets (two moons, swiss roll, checkerboard, pinwheel; Grathwohl et al. 2019's
+FFJORD collection) are sample-only. Every set is scaled to a per-coordinate std near 0.5,
+EDM's sigma_data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "GaussianMixture",
+    "SampleOnly",
+    "eight_gaussians",
+    "grid25",
+    "five_gaussians",
+    "gaussian",
+    "DATASETS",
+    "get_dataset",
+]
+
+
+def _rand(shape, generator):
+    return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
+def _randn(shape, generator):
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+class GaussianMixture:
+    """sum_k w_k N(mu_k, S_k) in d dimensions with exact denoiser, score and log-density at every sigma."""
+
+    def __init__(self, means, covs, weights=None, name: str = "mixture"):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        if self.means.ndim != 2:
+            raise ValueError("means must have shape (K, d)")
+        k, d = self.means.shape
+        covs = torch.as_tensor(covs, dtype=torch.float64)
+        if covs.ndim == 0:
+            covs = covs * torch.eye(d, dtype=torch.float64).expand(k, d, d)
+        elif covs.ndim == 1:
+            covs = covs[:, None, None] * torch.eye(d, dtype=torch.float64)
+        if covs.shape != (k, d, d):
+            raise ValueError(f"covs must be a scalar, (K,) variances or (K, d, d); got {tuple(covs.shape)}")
+        self.covs = covs.contiguous()
+        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(
+            weights, dtype=torch.float64)
+        if w.shape != (k,) or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-9:
+            raise ValueError("weights must be K non-negative numbers summing to 1")
+        self.weights = w
+        self.name = name
+        self.dim = d
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, n: int, generator=None, *, stratified: bool = False, return_labels: bool = False):
+        """n float32 points; stratified=True gives each component round(n w_k) points (counts sum to n)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if stratified:
+            counts = torch.floor(self.weights * n).long()
+            rest = n - int(counts.sum())
+            counts[torch.argsort(self.weights * n - counts, descending=True)[:rest]] += 1
+            labels = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        else:
+            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        chol = torch.linalg.cholesky(self.covs)
+        z = _randn((n, self.dim), generator)
+        x = self.means[labels] + torch.einsum("nij,nj->ni", chol[labels], z)
+        x = x.float()
+        return (x, labels) if return_labels else x
+
+    # ------------------------------------------------------------------ closed forms
+    def _noisy(self, sigma, x):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        eye = torch.eye(self.dim, dtype=torch.float64, device=x.device)
+        cov = self.covs.to(x.device)[None] + (sigma**2)[:, None, None, None] * eye  # (B, K, d, d)
+        return sigma, cov
+
+    def log_resp(self, x, sigma):
+        """log w_k N(x; mu_k, S_k + sigma^2 I), shape (B, K), float64."""
+        x = x.to(torch.float64)
+        _, cov = self._noisy(sigma, x)
+        diff = x[:, None, :] - self.means.to(x.device)[None]
+        chol = torch.linalg.cholesky(cov)
+        sol = torch.linalg.solve_triangular(chol, diff[..., None], upper=False)[..., 0]
+        maha = (sol**2).sum(-1)
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        return self.weights.to(x.device).log() - 0.5 * (maha + logdet + self.dim * math.log(2 * math.pi))
+
+    def log_prob(self, x, sigma=0.0):
+        """log p_sigma(x) of the noisy marginal, shape (B,)."""
+        return torch.logsumexp(self.log_resp(x, sigma), dim=1)
+
+    def responsibilities(self, x, sigma=0.0):
+        """Posterior component probabilities r_k(x) at noise level sigma, (B, K)."""
+        return torch.softmax(self.log_resp(x, sigma), dim=1)
+
+    def denoiser(self, x, sigma, cond=None):
+        """The exact D(x, sigma) = E[x0 | x] (Tweedie), in x's dtype; a drop-in sigma-space denoiser."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        x64 = x.to(torch.float64)
+        _, cov = self._noisy(sigma, x64)
+        r = torch.softmax(self.log_resp(x64, sigma), dim=1)
+        diff = x64[:, None, :] - self.means.to(x.device)[None]
+        gain = self.covs.to(x.device)[None] @ torch.linalg.solve(cov, diff[..., None])
+        post = self.means.to(x.device)[None] + gain[..., 0]
+        return (r[..., None] * post).sum(1).to(x.dtype)
+
+    __call__ = denoiser
+
+    def score(self, x, sigma):
+        """grad log p_sigma(x) = (D(x, sigma) - x) / sigma^2."""
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        s = s.expand(x.shape[0]) if s.ndim == 0 else s
+        return (self.denoiser(x, s) - x) / s[:, None] ** 2
+
+    def assign(self, x):
+        """Most likely component of each clean point (for mode-weight metrics), (B,)."""
+        return self.log_resp(x, 0.0).argmax(1)
+
+    def mean_and_cov(self):
+        """Overall mean (d,) and covariance (d, d) of the mixture."""
+        m = (self.weights[:, None] * self.means).sum(0)
+        diff = self.means - m
+        cov = (self.weights[:, None, None] * (self.covs + diff[:, :, None] * diff[:, None, :])).sum(0)
+        return m, cov
+
+
+@dataclass(frozen=True)
+class SampleOnly:
+    """A toy set known only through samples."""
+
+    name: str
+    sampler: object
+
+    def sample(self, n: int, generator=None):
+        """n float32 points."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        return self.sampler(n, generator).float()
+
+
+# ---------------------------------------------------------------------- the sets
+
+
+def eight_gaussians(radius: float = 0.7, std: float = 0.05) -> GaussianMixture:
+    """8 equal Gaussians on a circle (per-coordinate std ~0.5)."""
+    a = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
+    means = radius * torch.stack([a.cos(), a.sin()], 1)
+    return GaussianMixture(means, torch.full((8,), std**2), name="8gaussians")
+
+
+def grid25(spacing: float = 0.35, std: float = 0.04) -> GaussianMixture:
+    """A 5 x 5 grid of equal Gaussians (per-coordinate std ~0.5)."""
+    g = (torch.arange(5, dtype=torch.float64) - 2) * spacing
+    means = torch.cartesian_prod(g, g)
+    return GaussianMixture(means, torch.full((25,), std**2), name="grid25")
+
+
+def five_gaussians() -> GaussianMixture:
+    """5 unequal, anisotropic components: checks mode weights and shapes, not just positions."""
+    means = [[-0.6, -0.4], [0.7, -0.5], [0.0, 0.7], [-0.5, 0.5], [0.6, 0.4]]
+    covs = [[[0.02, 0.015], [0.015, 0.03]], [[0.01, 0.0], [0.0, 0.04]], [[0.03, -0.01], [-0.01, 0.01]],
+            [[0.005, 0.0], [0.0, 0.005]], [[0.02, 0.0], [0.0, 0.02]]]
+    return GaussianMixture(means, covs, weights=[0.3, 0.25, 0.2, 0.15, 0.1], name="5gaussians")
+
+
+def gaussian(mean=(0.0, 0.0), std: float = 0.5) -> GaussianMixture:
+    """A single isotropic Gaussian: every consistency quantity is then in closed form."""
+    return GaussianMixture([list(mean)], torch.tensor([std**2]), name="gaussian")
+
+
+def _moons(n, g):
+    t = _rand(n, g) * math.pi
+    upper = _rand(n, g) < 0.5
+    x = torch.where(upper, t.cos(), 1 - t.cos())
+    y = torch.where(upper, t.sin(), 0.5 - t.sin())
+    pts = torch.stack([x - 0.5, y - 0.25], 1) + 0.05 * _randn((n, 2), g)
+    return pts * 0.55
+
+
+def _swiss_roll(n, g):
+    t = 1.5 * math.pi * (1 + 2 * _rand(n, g))
+    pts = torch.stack([t * t.cos(), t * t.sin()], 1) + 0.3 * _randn((n, 2), g)
+    return pts / 16.0
+
+
+def _checkerboard(n, g):
+    x1 = _rand(n, g) * 4 - 2
+    x2 = _rand(n, g) - torch.randint(0, 2, (n,), generator=g).double() * 2
+    x2 = x2 + torch.floor(x1) % 2
+    return torch.stack([x1, x2], 1) * 0.45
+
+
+def _pinwheel(n, g, arms: int = 5, radial_std=0.3, tangential_std=0.1, rate=0.25):
+    labels = torch.randint(0, arms, (n,), generator=g)
+    feats = _randn((n, 2), g) * torch.tensor([radial_std, tangential_std], dtype=torch.float64)
+    feats[:, 0] += 1.0
+    angle = labels.double() * 2 * math.pi / arms + rate * feats[:, 0].exp()
+    c, s = angle.cos(), angle.sin()
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    return torch.einsum("nij,nj->ni", rot, feats) * 0.65
+
+
+DATASETS = {
+    "8gaussians": eight_gaussians,
+    "grid25": grid25,
+    "5gaussians": five_gaussians,
+    "gaussian": gaussian,
+    "moons": lambda: SampleOnly("moons", _moons),
+    "swissroll": lambda: SampleOnly("swissroll", _swiss_roll),
+    "checkerboard": lambda: SampleOnly("checkerboard", _checkerboard),
+    "pinwheel": lambda: SampleOnly("pinwheel", _pinwheel),
+}
+
+
+def get_dataset(name: str):
+    """A toy dataset by name; Gaussian mixtures carry .denoiser, the others only .sample."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown toy dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name]()

@@ -1,0 +1,140 @@
+"""Preconditioning: how a diffusion-agnostic network F becomes a denoiser D(x, sigma).
+
+Karras et al. 2022 ("EDM"), eq. 7: D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x,
+c_noise(sigma)). What differs between methods is only the scalings function (EDM table 1 and
+eq. 7; consistency models: Song et al. 2023, appendix C, eq. 3 shifted so that
+c_skip(sigma_min) = 1, c_out(sigma_min) = 0). A DDPM epsilon-network on discrete timesteps
+becomes a denoiser through x_vp = x / sqrt(1 + sigma^2) and D = x - sigma * eps (EDM table 1,
+"VP"; k-diffusion's DiscreteEpsDDPMDenoiser).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .schedules import DiscreteSchedule
+
+__all__ = [
+    "as_sigma",
+    "append_dims",
+    "edm_scalings",
+    "eps_scalings",
+    "consistency_scalings",
+    "get_scalings",
+    "Precond",
+    "DiscreteEpsDenoiser",
+]
+
+
+def as_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a float, 0-d or (B,) sigma to shape (B,) on x's device, float32 or x's float dtype."""
+    dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    # Convert straight to the target dtype: as_tensor(python float) alone would round to float32.
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
+    if sigma.ndim == 0:
+        return sigma.expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(
+            f"sigma must be a scalar or have shape (batch,) = ({x.shape[0]},), got {tuple(sigma.shape)}"
+        )
+    return sigma
+
+
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Reshape (B,) to (B, 1, ..., 1) with ndim dimensions, for broadcasting over a sample."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float = 0.5):
+    """EDM eq. 7 / table 1: (c_skip, c_out, c_in, c_noise) with c_noise = ln(sigma) / 4."""
+    s2 = sigma**2 + sigma_data**2
+    c_skip = sigma_data**2 / s2
+    c_out = sigma * sigma_data / s2.sqrt()
+    c_in = 1 / s2.sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def eps_scalings(sigma: torch.Tensor):
+    """Epsilon prediction in sigma-space (EDM table 1, 'VP'/'VE' column): D = x - sigma * F(x / sqrt(1+sigma^2))."""
+    c_skip = torch.ones_like(sigma)
+    c_out = -sigma
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def consistency_scalings(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """Song et al. 2023, appendix C: EDM scalings shifted so c_skip(sigma_min)=1 and c_out(sigma_min)=0."""
+    # The shift (sigma - sigma_min) is what enforces the boundary condition f(x, sigma_min) = x
+    # exactly, for any network output: at sigma_min c_skip is exactly 1 and c_out exactly 0.
+    shifted = sigma - sigma_min
+    c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
+    c_out = shifted * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+_SCALINGS = {"edm": edm_scalings, "eps": eps_scalings, "consistency": consistency_scalings}
+
+
+def get_scalings(name: str, **kwargs) -> Callable:
+    """A scalings function by name ('edm', 'eps', 'consistency'), with its constants bound."""
+    if name not in _SCALINGS:
+        raise ValueError(f"unknown scalings {name!r}; choose one of {sorted(_SCALINGS)}")
+    return functools.partial(_SCALINGS[name], **kwargs) if kwargs else _SCALINGS[name]
+
+
+class Precond(nn.Module):
+    """EDM eq. 7: D(x, sigma, cond) = c_skip x + c_out F(c_in x, c_noise, cond)."""
+
+    def __init__(self, net: nn.Module, scalings: Callable):
+        super().__init__()
+        self.net = net
+        self.scalings = scalings
+
+    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        sigma = as_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in self.scalings(sigma))
+        F = self.net(c_in * x, c_noise.reshape(-1), cond)
+        # F may come back in bf16 under autocast; compute the output in x's precision.
+        return c_skip * x + c_out * F.to(x.dtype)
+
+
+class DiscreteEpsDenoiser(nn.Module):
+    """A DDPM epsilon-network eps_model(x_vp, t) on discrete timesteps, seen as a denoiser D(x, sigma).
+
+    x_vp = x / sqrt(1 + sigma^2); t = the (fractional, log-sigma interpolated) timestep of sigma;
+    D(x, sigma) = x - sigma * eps. With `quantize=True` t is rounded to the nearest integer
+    timestep (what a network trained only on integer t expects off the grid).
+    """
+
+    def __init__(self, eps_model: nn.Module, alphas_cumprod: torch.Tensor, *, quantize: bool = False):
+        super().__init__()
+        self.eps_model = eps_model
+        self.schedule = DiscreteSchedule(alphas_cumprod)
+        self.quantize = quantize
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        sigma = as_sigma(sigma, x)
+        t = self.schedule.t_of_sigma(sigma)
+        if self.quantize:
+            t = t.round()
+        t = t.to(x.dtype)
+        c_in = append_dims(1 / (sigma**2 + 1).sqrt(), x.ndim)
+        eps = self.eps_model(x * c_in, t) if cond is None else self.eps_model(x * c_in, t, cond)
+        return x - append_dims(sigma, x.ndim) * eps.to(x.dtype)
+

@@ -1,0 +1,246 @@
+"""One small training loop for every method of the course.
+
+A method is a per-sample loss function ``loss_fn(model, batch, ctx) -> (B,) tensor`` plus a
+batch function ``batch_fn(generator) -> batch``; the loop owns the optimiser (Adam/AdamW with
+linear warm-up), gradient clipping, exponential moving averages (EMA; Polyak averaging as in
+Ho et al. 2020, sec. 4 and Song et al. 2023's target network theta^-), bf16 autocast, checkpoints
+and hooks. Randomness is re-seeded from (seed, step) at every step, so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have (on the same device).
+Checkpoints hold only tensors and plain data (``torch.load(weights_only=True)``): loading one
+never executes pickled code. A non-finite loss or gradient stops training with
+`NonFiniteLossError` and leaves the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .profiles import get_device
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainContext",
+    "TrainState",
+    "train",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "ema_update",
+    "step_generator",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainContext:
+    """What a loss function may read: step, total steps, the EMA copies, a seeded generator."""
+
+    step: int
+    steps: int
+    emas: Mapping[str, nn.Module]
+    generator: torch.Generator
+    device: torch.device
+
+    @property
+    def progress(self) -> float:
+        """Training progress in [0, 1] (for curricula such as CT's N(k))."""
+        return self.step / max(self.steps, 1)
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    emas: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    losses: list = field(default_factory=list)  # (step, mean loss) pairs
+    seconds: float = 0.0
+
+
+def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
+    """The generator of one training step: a pure function of (seed, step)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta (buffers copied)."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def _decay(d, step: int) -> float:
+    value = d(step) if callable(d) else d
+    if not 0 <= value <= 1:
+        raise ValueError(f"an EMA decay must lie in [0, 1], got {value}")
+    return float(value)
+
+
+def save_checkpoint(path, state: TrainState, meta: Mapping[str, Any] | None = None) -> None:
+    """Write tensors and JSON metadata atomically (tmp file + rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "model": state.model.state_dict(),
+        "emas": {k: v.state_dict() for k, v in state.emas.items()},
+        "optimizer": state.optimizer.state_dict(),
+        "step": state.step,
+        "losses": [[int(s), float(v)] for s, v in state.losses],
+        "seconds": float(state.seconds),
+        "meta_json": json.dumps(dict(meta or {})),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def _read(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one first (fewstep train ...)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint_meta(path) -> dict:
+    """The JSON metadata stored with a checkpoint (recipe, network arguments, step)."""
+    blob = _read(path)
+    meta = json.loads(blob["meta_json"])
+    meta["step"] = blob["step"]
+    return meta
+
+
+def load_checkpoint(path, model: nn.Module, *, which: str = "ema", state: TrainState | None = None) -> dict:
+    """Load weights into `model` ('model' or an EMA name); with `state`, restore everything to resume."""
+    blob = _read(path)
+    if which == "model":
+        model.load_state_dict(blob["model"])
+    elif which in blob["emas"]:
+        model.load_state_dict(blob["emas"][which])
+    else:
+        raise KeyError(f"checkpoint has no weights {which!r}; available: ['model', *{sorted(blob['emas'])}]")
+    if state is not None:
+        state.model.load_state_dict(blob["model"])
+        for k, v in blob["emas"].items():
+            if k in state.emas:
+                state.emas[k].load_state_dict(v)
+        state.optimizer.load_state_dict(blob["optimizer"])
+        state.step = int(blob["step"])
+        state.losses = [tuple(x) for x in blob["losses"]]
+        state.seconds = float(blob["seconds"])
+    meta = json.loads(blob["meta_json"])
+    meta["step"] = blob["step"]
+    return meta
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any, TrainContext], torch.Tensor],
+    batch_fn: Callable[[torch.Generator], Any],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    warmup: int = 0,
+    grad_clip: float | None = 1.0,
+    ema_decays: Mapping[str, float | Callable[[int], float]] | None = None,
+    seed: int = 0,
+    device=None,
+    bf16: bool = False,
+    checkpoint_path=None,
+    checkpoint_every: int = 0,
+    resume: bool = True,
+    meta: Mapping[str, Any] | None = None,
+    hooks: Sequence[tuple[int, Callable[[TrainState], None]]] = (),
+    log_every: int = 100,
+    progress: bool = True,
+) -> TrainState:
+    """Train `model` for `steps` optimiser steps (AdamW); returns the final TrainState.
+
+    ema_decays maps a name to a decay (or a function of the step), e.g. {"ema": 0.999}; each
+    EMA copy is passed to the loss through ctx.emas (consistency distillation's target network
+    is one). hooks are (every, fn(state)) pairs. With checkpoint_path and resume=True an
+    existing checkpoint is continued.
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    device = get_device(device)
+    model.to(device)
+    emas = {k: copy.deepcopy(model).requires_grad_(False) for k in (ema_decays or {})}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    state = TrainState(model=model, emas=emas, optimizer=opt)
+    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+        load_checkpoint(checkpoint_path, model, which="model", state=state)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="train")
+    running, t0 = [], time.perf_counter()
+    while state.step < steps:
+        step = state.step
+        g = step_generator(seed, step)
+        torch.manual_seed(seed * 1_000_003 + step)  # dropout and other global-RNG users
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        model.train()
+        batch = batch_fn(g)
+        ctx = TrainContext(step=step, steps=steps, emas=emas, generator=g, device=device)
+        with autocast:
+            loss = loss_fn(model, batch, ctx).float().mean()
+        if not torch.isfinite(loss):
+            bar.close()
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {step}; the last good checkpoint "
+                f"({checkpoint_path or 'none was requested'}) was kept. Lower the learning rate, "
+                "enable gradient clipping, or check the data for NaN."
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if not torch.isfinite(norm):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"gradient norm became {norm.item()} at step {step}; the last good checkpoint "
+                    f"({checkpoint_path or 'none was requested'}) was kept. Lower the learning rate."
+                )
+        opt.step()
+        for name, ema in emas.items():
+            ema_update(ema, model, _decay(ema_decays[name], step))
+        state.step += 1
+        running.append(loss.item())
+        if state.step % log_every == 0 or state.step == steps:
+            state.losses.append((state.step, sum(running) / len(running)))
+            bar.set_postfix(loss=f"{state.losses[-1][1]:.4f}")
+            running = []
+        bar.update(1)
+        state.seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for every, fn in hooks:
+            if every and state.step % every == 0:
+                fn(state)
+        if checkpoint_path is not None and checkpoint_every and state.step % checkpoint_every == 0:
+            save_checkpoint(checkpoint_path, state, meta)
+    bar.close()
+    if checkpoint_path is not None:
+        save_checkpoint(checkpoint_path, state, meta)
+    for m in (model, *emas.values()):
+        m.eval()
+    return state
