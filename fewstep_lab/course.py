@@ -32,7 +32,7 @@ class NotebookError(RuntimeError):
         super().__init__(
             f"notebook {self.notebook.name} failed in {where}: {ename}: {evalue}\n"
             f"The executed copy with the full traceback is {self.out_path}; fix the cell "
-            f"and rerun this notebook alone (run_course(only=[{self.notebook.stem[:2]!r}]))."
+            f"and rerun this notebook alone: fewstep course --only {self.notebook.stem[:2]}"
         )
 
 
@@ -106,13 +106,16 @@ def run_notebook(path, out_path, *, profile: str, timeout: int = 1800, run_dir=N
 
 
 def _select(notebooks, only):
-    """Keep the notebooks whose name, stem or two-digit number is in `only`."""
+    """Keep the notebooks chosen by `only`: numbers ('3', '03') or parts of their names."""
     if only is None:
         return notebooks
     wanted = [str(o) for o in ([only] if isinstance(only, (str, int)) else only)]
     chosen = []
     for want in wanted:
-        hits = [nb for nb in notebooks if want in (nb.name, nb.stem, nb.stem[:2]) or want.zfill(2) == nb.stem[:2]]
+        if want.isdigit():
+            hits = [nb for nb in notebooks if int(nb.stem[:2]) == int(want)]
+        else:
+            hits = [nb for nb in notebooks if want in nb.name]
         if not hits:
             names = ", ".join(nb.stem for nb in notebooks) or "(none)"
             raise ValueError(f"no notebook matches {want!r}; available: {names}")
@@ -126,7 +129,7 @@ def run_course(profile=None, out_dir="runs/course", only=None, inplace=False, *,
 
     Executed copies go to `out_dir` (or back into the notebooks with `inplace=True`);
     each notebook's figures go to `out_dir/<notebook stem>/`. `only` selects notebooks by
-    name, stem or number ('03'). Raises NotebookError at the first failure; the copies
+    number ('3' or '03') or by a part of their name. Raises NotebookError at the first failure; the copies
     already written stay.
     """
     from fewstep_lab.profiles import get_profile

@@ -73,7 +73,9 @@ def consistency_scalings(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_min
     # The shift (sigma - sigma_min) is what enforces the boundary condition f(x, sigma_min) = x
     # exactly, for any network output: at sigma_min c_skip is exactly 1 and c_out exactly 0.
     shifted = sigma - sigma_min
-    c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
+    # Written as 1 / (1 + (shifted / sigma_data)^2): sigma_data^2 / (0 + sigma_data^2) is not
+    # exactly 1 in float32 when sigma_data^2 is not representable (e.g. sigma_data = 1.3).
+    c_skip = 1 / (1 + (shifted / sigma_data) ** 2)
     c_out = shifted * sigma_data / (sigma**2 + sigma_data**2).sqrt()
     c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
     c_noise = sigma.log() / 4

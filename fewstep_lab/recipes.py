@@ -81,3 +81,157 @@ def recipe_from_dict(d: dict):
     if cls is None:
         raise ValueError(f"unknown recipe class in checkpoint metadata; known: {sorted(_CLASSES)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ---------------------------------------------------------------- consistency models and PD
+# Song et al. 2023 ("CM"), Song & Dhariwal 2023 ("iCT"), Salimans & Ho 2022 ("PD") on toy 2-D
+# data; trained by fewstep_lab.toy_consistency. Network fields match ToyRecipe's, so a student
+# can start from an EDM teacher's weights.
+
+
+@dataclass(frozen=True)
+class _ToyStudent:
+    """Fields shared by the few-step toy recipes: data, network, noise range, optimiser."""
+
+    dataset: str = "8gaussians"
+    hidden: int = 128
+    depth: int = 4
+    emb_dim: int = 32
+    max_freq: float = 8.0
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    steps: int = 4000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    warmup: int = 100
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+
+    def _check(self, **choices):
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError("steps must be >= 0 and batch_size >= 1")
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {sorted(valid)}")
+        if getattr(self, "huber_c", None) is not None and getattr(self, "distance", None) != "pseudo_huber":
+            raise ValueError("huber_c is the pseudo-Huber constant: set distance='pseudo_huber' or huber_c=None")
+
+
+_DISTANCES = ("l2", "l1", "pseudo_huber")
+
+
+@dataclass(frozen=True)
+class CDRecipe(_ToyStudent):
+    """Consistency distillation (CM Algorithm 2) of a toy teacher; MEASURED_CD."""
+
+    N: int = 18
+    solver: str = "heun"
+    distance: str = "l2"
+    huber_c: float | None = None
+    weighting: str = "uniform"
+    index_sampling: str = "uniform"
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    target_decay: float = 0.95
+    init_from_teacher: bool = False
+
+    def __post_init__(self):
+        self._check(solver=("euler", "heun"), distance=_DISTANCES, weighting=("uniform", "ict"),
+                    index_sampling=("uniform", "lognormal"))
+
+
+@dataclass(frozen=True)
+class CTRecipe(_ToyStudent):
+    """Consistency training (CM Algorithm 3, N(k) and mu(k) of appendix C) from scratch; MEASURED_CT."""
+
+    s0: int = 2
+    s1: int = 150
+    mu0: float = 0.9
+    distance: str = "l2"
+    huber_c: float | None = None
+    weighting: str = "uniform"
+    index_sampling: str = "uniform"
+    p_mean: float = -1.1
+    p_std: float = 2.0
+
+    def __post_init__(self):
+        self._check(distance=_DISTANCES, weighting=("uniform", "ict"), index_sampling=("uniform", "lognormal"))
+
+
+@dataclass(frozen=True)
+class ICTRecipe(_ToyStudent):
+    """Improved consistency training (Song & Dhariwal 2023) from scratch, no EMA teacher; MEASURED_ICT."""
+
+    s0: int = 10
+    s1: int = 1280
+    distance: str = "pseudo_huber"
+    huber_c: float | None = None
+    weighting: str = "ict"
+    index_sampling: str = "lognormal"
+    p_mean: float = -1.1
+    p_std: float = 2.0
+
+    def __post_init__(self):
+        self._check(distance=_DISTANCES, weighting=("uniform", "ict"), index_sampling=("uniform", "lognormal"))
+
+
+@dataclass(frozen=True)
+class PDRecipe(_ToyStudent):
+    """Progressive distillation (PD Algorithm 2), halving teacher_steps down to student_steps; MEASURED_PD.
+
+    `steps` is the number of optimiser steps of EACH round.
+    """
+
+    teacher_steps: int = 64
+    student_steps: int = 1
+    weighting: str = "truncated_snr"
+    init_from_teacher: bool = True
+
+    def __post_init__(self):
+        self._check(weighting=("truncated_snr", "uniform"))
+        ratio = self.teacher_steps // max(self.student_steps, 1)
+        if self.student_steps < 1 or ratio < 2 or ratio * self.student_steps != self.teacher_steps or ratio & (ratio - 1):
+            raise ValueError(f"teacher_steps / student_steps must be a power of two >= 2, got "
+                             f"{self.teacher_steps} / {self.student_steps}")
+
+
+_STUDENT_PROFILES = {
+    # profile: {recipe class: overrides}; filled in by measurement (see each class docstring)
+    "smoke": {CDRecipe: dict(steps=60, batch_size=256), CTRecipe: dict(steps=60, batch_size=256),
+              ICTRecipe: dict(steps=60, batch_size=256), PDRecipe: dict(steps=20, batch_size=256, teacher_steps=4)},
+    "cpu": {CDRecipe: dict(), CTRecipe: dict(), ICTRecipe: dict(), PDRecipe: dict()},
+    "gpu": {CDRecipe: dict(steps=20000, batch_size=4096), CTRecipe: dict(steps=40000, batch_size=4096),
+            ICTRecipe: dict(steps=40000, batch_size=4096), PDRecipe: dict(steps=8000, batch_size=4096)},
+}
+
+
+def _student_recipe(cls, dataset, profile, overrides):
+    base = cls(dataset=dataset, **_STUDENT_PROFILES[get_profile(profile)][cls])
+    return _replace(base, overrides)
+
+
+def cd_recipe(dataset: str = "8gaussians", profile: str | None = None, **overrides) -> CDRecipe:
+    """The consistency-distillation recipe for `dataset` under `profile`."""
+    return _student_recipe(CDRecipe, dataset, profile, overrides)
+
+
+def ct_recipe(dataset: str = "8gaussians", profile: str | None = None, **overrides) -> CTRecipe:
+    """The original consistency-training recipe (CM's schedule constants) for `dataset` under `profile`."""
+    return _student_recipe(CTRecipe, dataset, profile, overrides)
+
+
+def ict_recipe(dataset: str = "8gaussians", profile: str | None = None, **overrides) -> ICTRecipe:
+    """The improved consistency-training recipe for `dataset` under `profile`."""
+    return _student_recipe(ICTRecipe, dataset, profile, overrides)
+
+
+def pd_recipe(dataset: str = "8gaussians", profile: str | None = None, **overrides) -> PDRecipe:
+    """The progressive-distillation recipe for `dataset` under `profile`."""
+    return _student_recipe(PDRecipe, dataset, profile, overrides)
+
+
+_CLASSES.update({c.__name__: c for c in (CDRecipe, CTRecipe, ICTRecipe, PDRecipe)})
+__all__ += ["CDRecipe", "CTRecipe", "ICTRecipe", "PDRecipe", "cd_recipe", "ct_recipe", "ict_recipe", "pd_recipe"]

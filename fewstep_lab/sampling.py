@@ -280,3 +280,53 @@ def get_sampler(name: str) -> Callable:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS) + ['ode_adaptive']}")
     return SAMPLERS[name]
+
+
+def search_consistency_sigmas(
+    f, score_fn: Callable[[torch.Tensor], float], num_steps: int, *, noise: torch.Tensor,
+    candidates=None, iters: int = 12, sigma_min: float = 0.002, sigma_max: float = 80.0,
+    seed: int = 0, cond=None,
+) -> torch.Tensor:
+    """Song et al. 2023, sec. 6: greedy choice of multistep consistency levels, each by ternary search.
+
+    Level k is chosen with levels 1..k-1 fixed, to minimise score_fn(samples) (lower is better,
+    e.g. sliced W2 on a fixed evaluation set), by ternary search over ln sigma in
+    (ln sigma_min, ln previous level) with `iters` shrinking rounds, or over `candidates` when
+    given. Every evaluation uses the same start noise (`noise`, standard normal (B, ...)) and the
+    same re-noising seed, so candidates are compared on common random numbers. Returns the float64
+    grid [sigma_max, tau_2, ..., tau_num_steps, 0] for sample_consistency.
+    """
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    levels = [float(sigma_max)]
+
+    def score(tau: float) -> float:
+        grid = torch.tensor(levels + [tau, 0.0], dtype=torch.float64)
+        g = torch.Generator(device=noise.device).manual_seed(seed)
+        with torch.no_grad():
+            x = sample_consistency(f, noise * sigma_max, grid, cond=cond, generator=g, sigma_min=sigma_min)
+        return float(score_fn(x))
+
+    for _ in range(num_steps - 1):
+        upper = levels[-1]
+        if candidates is not None:
+            pool = [float(c) for c in candidates if sigma_min <= float(c) < upper]
+            if not pool:
+                raise ValueError(f"no candidate lies in [sigma_min={sigma_min}, {upper:g}); pass smaller candidates")
+            levels.append(min(pool, key=score))
+            continue
+        # Ternary search assumes the score is unimodal in ln(tau) on the interval (as the CM paper does).
+        lo, hi = math.log(sigma_min), math.log(upper)
+        for _ in range(iters):
+            m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+            if score(math.exp(m1)) <= score(math.exp(m2)):
+                hi = m2
+            else:
+                lo = m1
+        levels.append(math.exp((lo + hi) / 2))
+    return check_sigmas(torch.tensor(levels + [0.0], dtype=torch.float64))
+
+
+__all__.append("search_consistency_sigmas")

@@ -173,7 +173,9 @@ class DiscreteSchedule:
         lo = t.floor().long()
         hi = (lo + 1).clamp(max=self.num_steps - 1)
         w = t - lo
-        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+        interp = ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+        # exp(log(sigma)) is off by an ulp; on integer t return the table value itself.
+        return torch.where(w == 0, self.sigmas[lo], interp)
 
     def t_of_sigma(self, sigma) -> torch.Tensor:
         """Fractional timestep for sigma (float64), clamped to [0, T-1]."""

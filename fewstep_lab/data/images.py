@@ -274,7 +274,8 @@ def download_cifar10(root: str | os.PathLike) -> Path:
             target = (root / member.name).resolve()
             if not (member.isfile() or member.isdir()) or root.resolve() not in target.parents:
                 raise OSError(f"unexpected member {member.name!r} in {archive}")
-        tar.extractall(root)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(root, **safe)
     return root / PY_FOLDER
 
 

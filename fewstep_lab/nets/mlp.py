@@ -3,7 +3,8 @@
 The noise level enters through a sinusoidal embedding (Vaswani et al. 2017; DDPM appendix B)
 of ``noise_scale * c_noise`` with frequencies capped at ``max_freq``: on 2-D data high
 frequencies slow learning badly (see nets/embeddings.py). Optional class conditioning adds a
-learned label embedding; label ``num_classes`` is the "no label" token used by
+learned label embedding; label ``num_classes`` is the "no label" token (pass it
+explicitly; a missing label is an error) used by
 classifier-free guidance (Ho & Salimans 2022).
 """
 
@@ -54,7 +55,10 @@ class MLP(nn.Module):
         emb = self.emb_mlp(self.embed(c_noise * self.noise_scale))
         if self.label is not None:
             if cond is None:
-                cond = torch.full((x_in.shape[0],), self.num_classes, device=x_in.device)
+                raise ValueError(
+                    f"this MLP is class-conditional: pass cond labels in [0, {self.num_classes}] "
+                    f"({self.num_classes} = no label, for classifier-free guidance)"
+                )
             emb = emb + self.label(cond.long())
         elif cond is not None:
             raise ValueError("this MLP was built without num_classes, so it takes no cond")

@@ -1,0 +1,67 @@
+# fewstep_lab: common commands. `make help` lists them.
+#
+#   make course     run every notebook headless (default profile), outputs under runs/
+#   make test       the test suite plus the notebooks, in the smoke profile (what CI runs)
+#   make notebooks  re-execute the notebooks in place in the cpu profile (to commit outputs)
+#   make lab        start JupyterLab
+#
+# Variables: PYTHON (interpreter that creates the venv), VENV (the environment to use;
+# `make test VENV=$$CONDA_PREFIX` uses an active conda env), PROFILE (for `make course`),
+# PYTEST_ARGS (extra pytest arguments, e.g. PYTEST_ARGS="-k sampling").
+
+PYTHON ?= python3
+VENV ?= .venv
+PROFILE ?=
+PYTEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+# Notebooks are tested by nbval; the folder may not exist yet in a fresh clone.
+TEST_PATHS := tests $(wildcard notebooks)
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev install-lab course test notebooks lab clean-install
+
+help:
+	@echo "make course     install, then run every notebook headless (PROFILE=smoke|cpu|gpu to choose)"
+	@echo "make test       install [dev], then run tests and notebooks in the smoke profile"
+	@echo "make notebooks  install, then execute notebooks in place in the cpu profile"
+	@echo "make lab        install [lab], then start JupyterLab"
+	@echo "venv: $(VENV) (created with $(PYTHON) if missing)"
+
+# The environment itself: created once, never recreated.
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Stamp files make installing idempotent and instant when nothing changed; they are
+# redone when pyproject.toml changes. Editable installs pick up code changes by themselves.
+$(VENV)/.fewstep-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -e .
+	@touch $@
+
+$(VENV)/.fewstep-installed-dev: pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[dev]"
+	@touch $@ $(VENV)/.fewstep-installed
+
+$(VENV)/.fewstep-installed-lab: pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[lab]"
+	@touch $@ $(VENV)/.fewstep-installed
+
+install: $(VENV)/.fewstep-installed
+install-dev: $(VENV)/.fewstep-installed-dev
+install-lab: $(VENV)/.fewstep-installed-lab
+
+course: install
+	$(if $(PROFILE),FEWSTEP_PROFILE=$(PROFILE) )$(VENV)/bin/fewstep course
+
+test: install-dev
+	FEWSTEP_PROFILE=smoke $(PY) -m pytest -n 2 --dist loadscope --nbval-lax --nbval-current-env $(TEST_PATHS) $(PYTEST_ARGS)
+
+notebooks: install
+	$(VENV)/bin/fewstep course --profile cpu --inplace --out runs/notebooks
+
+lab: install-lab
+	$(VENV)/bin/jupyter lab
+
+# Forget the install stamps (the next target reinstalls); the venv itself stays.
+clean-install:
+	rm -f $(VENV)/.fewstep-installed $(VENV)/.fewstep-installed-dev $(VENV)/.fewstep-installed-lab
