@@ -1,0 +1,57 @@
+"""The fewstep command line: each sub-command's help, a smoke train/sample/eval, clear errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fewstep_lab.cli import build_parser, main
+
+
+@pytest.mark.parametrize("cmd", ["train", "sample", "eval", "course", "bench", "data"])
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: fewstep " + cmd in capsys.readouterr().out
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "fewstep_lab", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "course" in out.stdout
+
+
+def test_train_sample_eval_smoke(tmp_path, capsys):
+    ckpt = tmp_path / "edm.pt"
+    assert main(["train", "--method", "edm", "--profile", "smoke", "--steps", "20", "--out", str(ckpt),
+                 "--quiet", "--device", "cpu"]) == 0
+    assert "for 20 steps" in capsys.readouterr().out
+    out = tmp_path / "s.npy"
+    assert main(["sample", "--ckpt", str(ckpt), "--steps", "4", "--n", "64", "--out", str(out)]) == 0
+    x = np.load(out)
+    assert x.shape == (64, 2) and np.isfinite(x).all()
+    assert main(["eval", "--ckpt", str(ckpt), "--steps", "4", "--n", "200", "--seeds", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "sliced-W2" in text and "noise floor" in text and "NFE      7" in text
+
+
+def test_eval_exact_teacher_is_near_the_floor(capsys):
+    assert main(["eval", "--ckpt", "exact:gaussian", "--steps", "18", "--n", "4000", "--seeds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model = float(lines[1].split("sliced-W2")[1].split()[0])
+    floor = float(lines[2].split("sliced-W2")[1].split()[0])
+    assert model < 3 * floor + 0.01
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["eval", "--ckpt", str(tmp_path / "missing.pt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["train", "--profile", "huge", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "unknown profile 'huge'" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", "exact:nope"]) == 2
+    assert "unknown toy dataset" in capsys.readouterr().err
+    assert main(["sample", "--ckpt", "exact:gaussian", "--steps", "0", "--out", str(tmp_path / "a.png")]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "gan", "--out", "x"])
