@@ -39,6 +39,13 @@ def _randn(shape, generator):
     return torch.randn(shape, generator=generator, dtype=torch.float64)
 
 
+def _apply(mats, v):
+    """mats (G, K, d, d) times vectors v (B, K, d) -> (B, K, d); G = 1 broadcasts without copies."""
+    if mats.shape[0] == 1:
+        return torch.einsum("kij,bkj->bki", mats[0], v)
+    return (mats @ v[..., None])[..., 0]
+
+
 class GaussianMixture:
     """sum_k w_k N(mu_k, S_k) in d dimensions with exact denoiser, score and log-density at every sigma."""
 
@@ -83,21 +90,30 @@ class GaussianMixture:
 
     # ------------------------------------------------------------------ closed forms
     def _noisy(self, sigma, x):
+        """Per-component precision P, log-determinant and gain S (S + sigma^2 I)^-1 of the noisy marginal.
+
+        Shapes (G, K, d, d), (G, K), (G, K, d, d) with G = 1 when sigma is the same for the whole
+        batch (every sampler's case: one small inverse per component instead of one per sample),
+        else G = B.
+        """
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+        if sigma.shape != (x.shape[0],):
+            raise ValueError(f"sigma must be a scalar or have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
+        if bool((sigma == sigma[0]).all()):
+            sigma = sigma[:1]
         eye = torch.eye(self.dim, dtype=torch.float64, device=x.device)
-        cov = self.covs.to(x.device)[None] + (sigma**2)[:, None, None, None] * eye  # (B, K, d, d)
-        return sigma, cov
+        covs = self.covs.to(x.device)[None]
+        cov = covs + (sigma**2)[:, None, None, None] * eye  # (G, K, d, d)
+        prec = torch.linalg.inv(cov)
+        return prec, torch.logdet(cov), covs @ prec
 
     def log_resp(self, x, sigma):
         """log w_k N(x; mu_k, S_k + sigma^2 I), shape (B, K), float64."""
         x = x.to(torch.float64)
-        _, cov = self._noisy(sigma, x)
+        prec, logdet, _ = self._noisy(sigma, x)
         diff = x[:, None, :] - self.means.to(x.device)[None]
-        chol = torch.linalg.cholesky(cov)
-        sol = torch.linalg.solve_triangular(chol, diff[..., None], upper=False)[..., 0]
-        maha = (sol**2).sum(-1)
-        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        maha = (_apply(prec, diff) * diff).sum(-1)
         return self.weights.to(x.device).log() - 0.5 * (maha + logdet + self.dim * math.log(2 * math.pi))
 
     def log_prob(self, x, sigma=0.0):
@@ -113,11 +129,10 @@ class GaussianMixture:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         x64 = x.to(torch.float64)
-        _, cov = self._noisy(sigma, x64)
+        _, _, gain = self._noisy(sigma, x64)
         r = torch.softmax(self.log_resp(x64, sigma), dim=1)
         diff = x64[:, None, :] - self.means.to(x.device)[None]
-        gain = self.covs.to(x.device)[None] @ torch.linalg.solve(cov, diff[..., None])
-        post = self.means.to(x.device)[None] + gain[..., 0]
+        post = self.means.to(x.device)[None] + _apply(gain, diff)
         return (r[..., None] * post).sum(1).to(x.dtype)
 
     __call__ = denoiser
