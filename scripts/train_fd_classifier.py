@@ -6,7 +6,11 @@ sized for a 2-core CPU: SGD with Nesterov momentum, a one-cycle learning rate (l
 then linear decay to zero, Smith & Topin 2019), label smoothing (Szegedy et al. 2016, Sec. 7),
 random crops with reflect padding and horizontal flips; each epoch is a fresh permutation.
 
-    python scripts/train_fd_classifier.py --epochs 2 --threads 2
+    python scripts/train_fd_classifier.py --epochs 2.5 --threads 2
+
+That command made the shipped weights: 489 steps of 256 in 30.7 min at 68 img/s on a 2-core
+CPU shared with other jobs (load average ~10; short runs on a quieter machine reached
+180-230 img/s, i.e. about 10 min), 75.3% accuracy on the 10,000 test images of the JPEG copy.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default=None, help="CIFAR-10 root (default: find_cifar10's places)")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default FEWSTEP_CACHE)")
     p.add_argument("--out", default=str(ASSETS), help="folder for the .safetensors and .json")
-    p.add_argument("--epochs", type=float, default=2.0, help="passes over the train split (may be fractional)")
+    p.add_argument("--epochs", type=float, default=2.5, help="passes over the train split (may be fractional)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--warmup", type=float, default=0.2, help="fraction of steps spent warming up")

@@ -13,7 +13,8 @@ runs at full resolution; then two stages of conv-BN-ReLU, 2x2 max-pool and one r
 block ``x + f(x)`` (He et al. 2016, "Deep Residual Learning", eq. 1), the layout of the fast
 ResNet-9 CIFAR-10 baselines at a quarter of their width; global average pooling gives the
 ``features`` (``widths[-1]``-dimensional, 128 by default) and one linear layer the logits.
-Default size: 463,690 parameters, 19 M multiply-adds per 32x32 image.
+Default size: 463,690 parameters (1.9 MB of float32), 19 M multiply-adds per 32x32 image;
+the shipped weights reach 75.3% test accuracy after 2.5 epochs (31 min on a shared 2-core CPU).
 Inputs are images in [-1, 1] (``fewstep_lab.data.images.to_model_range``).
 """
 
