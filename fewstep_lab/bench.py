@@ -5,7 +5,7 @@ teacher, progressive distillation (PD), consistency distillation (CD) and consis
 (CT) by FID against NFE on CIFAR-10. On toy 2-D data the same comparison can be measured
 exactly, with no Inception network in the loop: every row here is sliced W2 (256 directions)
 between n generated points and n fresh data points, mean ± std over seeds, beside the noise
-floor (data vs data) and, for Gaussian mixtures, the "perfect teacher" (the exact mixture
+floor (data vs data) and, for mixtures with a closed-form denoiser, the "perfect teacher" (the exact
 denoiser driving the teacher's sampler), which separates what the sampler loses from what
 training loses. The ordering the paper reports (CD-1 better than PD-1 and DDIM-10, two steps
 better than one) is an outcome to check, not to force. Run: ``fewstep bench --profile cpu``.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .data.toy2d import GaussianMixture, get_dataset
+from .data.toy2d import get_dataset
 from .metrics import mean_std, noise_floor
 from .profiles import get_device, get_profile
 from .recipes import cd_recipe, ct_recipe, ict_recipe, pd_recipe, toy_recipe
@@ -64,7 +64,7 @@ def _bench_dataset(ds: str, profile: str, s: BenchSettings, out: Path, device, l
                  "note": "two fresh samples of the truth"})
     ev = lambda D, sampler, steps, **kw: evaluate_sampler(D, ds, sampler, steps, n=s.n, seeds=seeds, **kw)  # noqa: E731
 
-    if isinstance(data, GaussianMixture):
+    if hasattr(data, "denoiser"):
         rows.append(_row("perfect teacher, Heun", ev(data.denoiser, "heun", 18), "exact mixture denoiser"))
         rows.append(_row("perfect teacher, DDIM", ev(data.denoiser, "euler", 10), "exact mixture denoiser"))
 

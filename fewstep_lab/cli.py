@@ -6,6 +6,8 @@
     fewstep course --profile smoke
     fewstep bench  --profile cpu
     fewstep data   cifar10
+    fewstep cifar train --method edm --profile cpu --out runs/cifar/edm.pt   (also under torchrun)
+    fewstep cifar eval  --ckpt runs/cifar/cd.pt --steps 1 2 --n 1000
 
 Every command takes --profile (smoke | cpu | gpu; default from FEWSTEP_PROFILE or the
 hardware). Arguments are turned into recipe fields here and nowhere else.
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--out", default="runs/bench")
 
+    _add_cifar(sub)
+
     p = sub.add_parser("data", help="where the datasets are found; --download fetches CIFAR-10 (needs internet)")
     p.add_argument("name", choices=["cifar10"])
     p.add_argument("--root", default=None, help="dataset folder (default: $FEWSTEP_DATA or the usual places)")
@@ -81,16 +85,97 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_cifar(sub):
+    p = sub.add_parser("cifar", help="CIFAR-10 consistency models: train (also under torchrun) or evaluate FD")
+    actions = p.add_subparsers(dest="cifar_command", required=True, metavar="ACTION")
+    q = actions.add_parser("train", help="train an EDM teacher, CD from it, or iCT; several GPUs: "
+                                         "torchrun --nproc_per_node=N -m fewstep_lab cifar train ...")
+    _add_common(q)
+    q.add_argument("--method", choices=("edm", "cd", "ict"), default="edm")
+    q.add_argument("--teacher", default=None, help="the EDM teacher's checkpoint (for --method cd)")
+    q.add_argument("--steps", type=int, default=None, help="override the profile's number of training steps")
+    q.add_argument("--seed", type=int, default=None)
+    q.add_argument("--data", default=None, help="CIFAR-10 folder (default: $FEWSTEP_DATA or the usual places)")
+    q.add_argument("--out", required=True, help="checkpoint path (resumed if it exists, unless --restart)")
+    q.add_argument("--restart", action="store_true", help="ignore an existing checkpoint at --out")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q = actions.add_parser("eval", help="FD (the course's classifier features, not FID) of a checkpoint's samples")
+    _add_common(q)
+    q.add_argument("--ckpt", required=True)
+    q.add_argument("--steps", type=int, nargs="*", default=None,
+                   help="sampling steps, several allowed (default: 18 Heun steps for a teacher, 1 and 2 for a CM)")
+    q.add_argument("--n", type=int, default=1000, help="samples per FD (compare methods at equal n)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data", default=None, help="CIFAR-10 folder (default: $FEWSTEP_DATA or the usual places)")
+
+
+def _cmd_cifar(a):
+    from . import cifar
+
+    if a.cifar_command == "eval":
+        return _cmd_cifar_eval(a, cifar)
+    from .distributed import close_distributed, init_distributed
+    from .profiles import get_profile
+
+    info = init_distributed(a.device)  # under torchrun: join the group; alone: a single process
+    out = Path(a.out)
+    try:
+        if a.restart and out.exists() and info.is_main:
+            out.unlink()
+        if info.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # no rank may resume from a checkpoint that rank 0 is deleting
+        recipe = cifar.cifar_recipe(a.method, get_profile(a.profile))
+        recipe = replace(recipe, **{k: v for k, v in (("steps", a.steps), ("seed", a.seed)) if v is not None})
+        images = cifar.load_images(recipe, root=a.data)
+        kw = dict(images=images, checkpoint_path=out, device=info.device, distributed=info.distributed,
+                  progress=not a.quiet, checkpoint_every=max(recipe.steps // 10, 1))
+        if a.method == "cd":
+            if a.teacher is None:
+                raise ValueError("cd distils a teacher: pass --teacher CKPT (train one with --method edm)")
+            _, state = cifar.train_cifar_cd(a.teacher, recipe, **kw)
+        elif a.method == "ict":
+            _, state = cifar.train_cifar_ct(recipe, **kw)
+        else:
+            _, state = cifar.train_cifar_teacher(recipe, **kw)
+    finally:
+        close_distributed()
+    if info.is_main:
+        last = f"{state.losses[-1][1]:.4f}" if state.losses else "n/a"
+        print(f"trained cifar {a.method} ({get_profile(a.profile)} profile, {info.world_size} process(es)) for "
+              f"{state.step} steps in {state.seconds:.1f} s; last loss {last}; checkpoint {out}")
+
+
+def _cmd_cifar_eval(a, cifar):
+    from .metrics_images import load_fd_classifier
+    from .profiles import get_device
+
+    if a.n < 2:
+        raise ValueError(f"--n must be >= 2, got {a.n}")
+    device = get_device(a.device)
+    model, recipe = cifar.load_cifar(a.ckpt, device=device)
+    classifier = load_fd_classifier(device=device)
+    reference = cifar.fd_reference(recipe, classifier, root=a.data)
+    print(f"{type(recipe).__name__}, classes {recipe.classes or 'all'}, {recipe.resolution}px, n = {a.n}")
+    for steps in a.steps or ([18] if isinstance(recipe, cifar.CifarEDMRecipe) else [1, 2]):
+        sigmas = cifar.sampling_sigmas(recipe, steps)
+        x = cifar.sample_images(model, recipe, a.n, sigmas=sigmas, seed=a.seed)
+        print(f"steps {steps:>3}  NFE {cifar.nfe(recipe, sigmas):>3}  FD {cifar.image_fd(x, reference, classifier):9.3f}")
+    images = cifar.load_images(recipe, root=a.data)
+    print(f"real vs real (the floor)  FD {cifar.fd_floor(recipe, a.n, reference, classifier, seed=a.seed, images=images):9.3f}")
+
+
 def _teacher(arg, dataset):
-    from .data.toy2d import GaussianMixture, get_dataset
+    from .data.toy2d import get_dataset
     from .toy import load_toy
 
     if arg is None:
         raise SystemExit("this method distils a teacher: pass --teacher CKPT (or --teacher exact)")
     if arg == "exact":
         data = get_dataset(dataset)
-        if not isinstance(data, GaussianMixture):
-            raise SystemExit(f"--teacher exact needs a Gaussian-mixture dataset; {dataset!r} is sample-only")
+        if not hasattr(data, "denoiser"):
+            raise SystemExit(f"--teacher exact needs a dataset with an exact denoiser; {dataset!r} is sample-only")
         return data.denoiser
     return load_toy(arg)[0]
 
@@ -226,7 +311,7 @@ def _cmd_data(a):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "course": _cmd_course,
-               "bench": _cmd_bench, "data": _cmd_data}[args.command]
+               "bench": _cmd_bench, "data": _cmd_data, "cifar": _cmd_cifar}[args.command]
     try:
         handler(args)
     except (ValueError, FileNotFoundError, KeyError) as err:

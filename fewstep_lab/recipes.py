@@ -29,6 +29,7 @@ class ToyRecipe:
     batch_size: int = 1024
     lr: float = 1e-3
     warmup: int = 100
+    lr_schedule: str = "cosine"  # decay to 0: the last steps average out the gradient noise
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     sigma_data: float = 0.5

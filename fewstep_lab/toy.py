@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data.toy2d import GaussianMixture, get_dataset
+from .data.toy2d import get_dataset
 from .losses.denoising import ddpm_loss, edm_loss
 from .metrics import mean_std, mode_weight_error, sliced_w2
 from .nets.mlp import MLP
@@ -58,7 +58,8 @@ def train_toy(recipe: ToyRecipe, *, checkpoint_path=None, device="cpu", progress
     model = build_toy_model(recipe)
     state = train(
         model, _loss_fn(recipe), make_batch_fn(recipe.dataset, recipe.batch_size, device),
-        steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup, grad_clip=recipe.grad_clip,
+        steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup, lr_schedule=recipe.lr_schedule,
+        grad_clip=recipe.grad_clip,
         ema_decays={"ema": recipe.ema_decay}, seed=recipe.seed, device=device,
         checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every, resume=resume,
         meta={"recipe": recipe_to_dict(recipe)}, hooks=hooks, progress=progress,
@@ -115,7 +116,7 @@ def evaluate_sampler(D, dataset_name: str, sampler: str = "heun", steps: int = 1
         out = out[0] if isinstance(out, tuple) else out
         ref = data.sample(n, torch.Generator().manual_seed(5000 + s))
         swds.append(sliced_w2(out, ref))
-        if isinstance(data, GaussianMixture):
+        if hasattr(data, "denoiser"):
             modes.append(mode_weight_error(data, out))
     m, sd = mean_std(swds)
     return EvalResult(sampler, steps, calls[0], m, sd, mean_std(modes)[0] if modes else None,
