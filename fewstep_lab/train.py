@@ -8,13 +8,17 @@ and hooks. Randomness is re-seeded from (seed, step) at every step, so a run res
 checkpoint continues exactly as the uninterrupted run would have (on the same device).
 Checkpoints hold only tensors and plain data (``torch.load(weights_only=True)``): loading one
 never executes pickled code. A non-finite loss or gradient stops training with
-`NonFiniteLossError` and leaves the last good checkpoint untouched.
+`NonFiniteLossError` and leaves the last good checkpoint untouched. With ``distributed=True``
+(several processes started by torchrun, see distributed.py) the model is wrapped in
+DistributedDataParallel, which averages gradients over the ranks (data parallelism, Li et al.
+2020, "PyTorch Distributed"); each rank draws its own data from (seed, step, rank).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -69,9 +73,14 @@ class TrainState:
     seconds: float = 0.0
 
 
-def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
-    """The generator of one training step: a pure function of (seed, step)."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+# Rank r's seeds are offset by r * RANK_STRIDE. Not a power of two: torch's CPU generator keeps only
+# the low 32 bits of a seed, so an offset of 2^48 would give every rank the same data.
+RANK_STRIDE = 2_654_435_761
+
+
+def step_generator(seed: int, step: int, device="cpu", rank: int = 0) -> torch.Generator:
+    """The generator of one training step: a pure function of (seed, step, rank); rank 0 = a single process."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + rank * RANK_STRIDE)
 
 
 @torch.no_grad()
@@ -81,6 +90,18 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         p_ema.lerp_(p.detach(), 1 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int = 0, schedule: str = "constant") -> float:
+    """Learning rate at `step`: linear warm-up over `warmup` steps, then constant or cosine decay to 0."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr_schedule {schedule!r}; choose 'constant' or 'cosine'")
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return lr
 
 
 def _decay(d, step: int) -> float:
@@ -156,6 +177,7 @@ def train(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     warmup: int = 0,
+    lr_schedule: str = "constant",
     grad_clip: float | None = 1.0,
     ema_decays: Mapping[str, float | Callable[[int], float]] | None = None,
     seed: int = 0,
@@ -168,21 +190,40 @@ def train(
     hooks: Sequence[tuple[int, Callable[[TrainState], None]]] = (),
     log_every: int = 100,
     progress: bool = True,
+    distributed: bool = False,
 ) -> TrainState:
     """Train `model` for `steps` optimiser steps (AdamW); returns the final TrainState.
 
     ema_decays maps a name to a decay (or a function of the step), e.g. {"ema": 0.999}; each
     EMA copy is passed to the loss through ctx.emas (consistency distillation's target network
     is one). hooks are (every, fn(state)) pairs. With checkpoint_path and resume=True an
-    existing checkpoint is continued.
+    existing checkpoint is continued. distributed=True needs an initialised process group
+    (distributed.init_distributed): the loss sees the DDP-wrapped model, gradients are averaged
+    over ranks, the logged loss is the mean over ranks, and hooks, the progress bar and
+    checkpoints run on rank 0 only (the EMA copies are identical on every rank).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    lr_at(0, steps, lr, warmup, lr_schedule)  # validates the schedule's name
     device = get_device(device)
     model.to(device)
     emas = {k: copy.deepcopy(model).requires_grad_(False) for k in (ema_decays or {})}
+    net, rank, world = model, 0, 1
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("train(distributed=True) needs a process group: start the script with torchrun "
+                               "and call fewstep_lab.distributed.init_distributed() first")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # DDP copies rank 0's weights to every rank when it is built; the EMA copies follow them
+        # (a resumed run then overwrites both from the checkpoint, identically on every rank).
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        for ema in emas.values():
+            ema.load_state_dict(model.state_dict())
+    main = rank == 0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
     state = TrainState(model=model, emas=emas, optimizer=opt)
     if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
@@ -191,23 +232,27 @@ def train(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="train")
+    bar = tqdm(total=steps, initial=state.step, disable=not (progress and main), desc="train")
     running, t0 = [], time.perf_counter()
     while state.step < steps:
         step = state.step
-        g = step_generator(seed, step)
-        torch.manual_seed(seed * 1_000_003 + step)  # dropout and other global-RNG users
+        g = step_generator(seed, step, rank=rank)
+        torch.manual_seed(seed * 1_000_003 + step + rank * RANK_STRIDE)  # dropout and other global-RNG users
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
-        model.train()
+            group["lr"] = lr_at(step, steps, lr, warmup, lr_schedule)
+        net.train()
         batch = batch_fn(g)
         ctx = TrainContext(step=step, steps=steps, emas=emas, generator=g, device=device)
         with autocast:
-            loss = loss_fn(model, batch, ctx).float().mean()
-        if not torch.isfinite(loss):
+            loss = loss_fn(net, batch, ctx).float().mean()
+        mean_loss = loss.detach().clone()
+        if distributed:  # the mean over ranks: a NaN on any rank reaches all, so all stop together
+            dist.all_reduce(mean_loss)
+            mean_loss /= world
+        if not torch.isfinite(mean_loss):
             bar.close()
             raise NonFiniteLossError(
-                f"loss became {loss.item()} at step {step}; the last good checkpoint "
+                f"loss became {mean_loss.item()} at step {step}; the last good checkpoint "
                 f"({checkpoint_path or 'none was requested'}) was kept. Lower the learning rate, "
                 "enable gradient clipping, or check the data for NaN."
             )
@@ -225,7 +270,7 @@ def train(
         for name, ema in emas.items():
             ema_update(ema, model, _decay(ema_decays[name], step))
         state.step += 1
-        running.append(loss.item())
+        running.append(mean_loss.item())
         if state.step % log_every == 0 or state.step == steps:
             state.losses.append((state.step, sum(running) / len(running)))
             bar.set_postfix(loss=f"{state.losses[-1][1]:.4f}")
@@ -234,13 +279,15 @@ def train(
         state.seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         for every, fn in hooks:
-            if every and state.step % every == 0:
+            if every and state.step % every == 0 and main:
                 fn(state)
-        if checkpoint_path is not None and checkpoint_every and state.step % checkpoint_every == 0:
+        if checkpoint_path is not None and checkpoint_every and state.step % checkpoint_every == 0 and main:
             save_checkpoint(checkpoint_path, state, meta)
     bar.close()
-    if checkpoint_path is not None:
+    if checkpoint_path is not None and main:
         save_checkpoint(checkpoint_path, state, meta)
+    if distributed:
+        dist.barrier()  # every rank returns only once the final checkpoint exists
     for m in (model, *emas.values()):
         m.eval()
     return state
