@@ -53,8 +53,10 @@ install-lab: $(VENV)/.fewstep-installed-lab
 course: install
 	$(if $(PROFILE),FEWSTEP_PROFILE=$(PROFILE) )$(VENV)/bin/fewstep course
 
+# One torch thread per pytest worker: two workers with two threads each on two cores made runs
+# up to 15x slower (thread oversubscription), measured here.
 test: install-dev
-	FEWSTEP_PROFILE=smoke $(PY) -m pytest -n 2 --dist loadscope --nbval-lax --nbval-current-env $(TEST_PATHS) $(PYTEST_ARGS)
+	FEWSTEP_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope --nbval-lax --nbval-current-env $(TEST_PATHS) $(PYTEST_ARGS)
 
 notebooks: install
 	$(VENV)/bin/fewstep course --profile cpu --inplace --out runs/notebooks

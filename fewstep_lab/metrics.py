@@ -54,8 +54,9 @@ def sliced_w2(x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, gene
         generator = torch.Generator().manual_seed(0)
     dirs = torch.randn(x.shape[1], num_projections, generator=generator, dtype=torch.float64)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    px, _ = torch.sort(x @ dirs, dim=0)
-    py, _ = torch.sort(y @ dirs, dim=0)
+    # (P, n) rows: sorting contiguous rows is several times faster than sorting strided columns.
+    px, _ = torch.sort((x @ dirs).T.contiguous(), dim=1)
+    py, _ = torch.sort((y @ dirs).T.contiguous(), dim=1)
     return math.sqrt(float(((px - py) ** 2).mean()))
 
 

@@ -126,7 +126,19 @@ _DISTANCES = ("l2", "l1", "pseudo_huber")
 
 @dataclass(frozen=True)
 class CDRecipe(_ToyStudent):
-    """Consistency distillation (CM Algorithm 2) of a toy teacher; MEASURED_CD."""
+    """Consistency distillation (CM Algorithm 2) of a toy teacher, student started from the teacher's weights.
+
+    Defaults are CM's CIFAR-10 CD choices (N = 18, Heun, target EMA mu = 0.95) with l2 in place
+    of LPIPS. cpu profile, measured on 8gaussians (2 shared CPU cores, one thread):
+        fewstep train --method edm --profile cpu --out teacher.pt        # Heun-35 sliced W2 0.0146 ± 0.0034
+        fewstep train --method cd --teacher teacher.pt --profile cpu --out cd.pt
+        fewstep eval --ckpt cd.pt                                        # n = 50,000, seeds 0-2
+    gives CD 1 step 0.0202 ± 0.0018 (1.4x the teacher's Heun-35 0.0146 ± 0.0034; the data-vs-data
+    floor is 0.0136 ± 0.0009) and 2 steps [80, 0.24, 0] 0.0162 ± 0.0020, in 1,500 steps (~11 min
+    wall on the loaded machine, ~0.1 s a step unloaded). Starting from random weights instead
+    needed ~3,000 steps for 1-step 0.026 (n = 20,000). The exact mixture denoiser as teacher
+    needs init_from_teacher=False (it has no weights).
+    """
 
     N: int = 18
     solver: str = "heun"
@@ -137,7 +149,7 @@ class CDRecipe(_ToyStudent):
     p_mean: float = -1.1
     p_std: float = 2.0
     target_decay: float = 0.95
-    init_from_teacher: bool = False
+    init_from_teacher: bool = True
 
     def __post_init__(self):
         self._check(solver=("euler", "heun"), distance=_DISTANCES, weighting=("uniform", "ict"),
@@ -146,7 +158,16 @@ class CDRecipe(_ToyStudent):
 
 @dataclass(frozen=True)
 class CTRecipe(_ToyStudent):
-    """Consistency training (CM Algorithm 3, N(k) and mu(k) of appendix C) from scratch; MEASURED_CT."""
+    """Consistency training (CM Algorithm 3; N(k), mu(k) of appendix C) from scratch, with CM's CIFAR-10 constants.
+
+    On 2-D data it does NOT converge in a CPU budget, and the course shows this rather than hiding
+    it. cpu profile (3,000 steps, EMA 0.995) on 8gaussians, `fewstep train --method ct --profile cpu
+    --out ct.pt && fewstep eval --ckpt ct.pt`: 1 step 0.4260 ± 0.0006 (a collapsed blob; a point
+    at the data mean scores ~0.43), 2 steps [80, 0.25, 0] 0.284. Measured alternatives: s0 = 10,
+    s1 = 320 (same failure, 0.439 at n = 20,000); iCT's loss (pseudo-Huber, lambda = 1/dsigma,
+    lognormal levels, s0 = 10, s1 = 160) but WITH the EMA teacher mu(k): 0.194 ± 0.0003 (1 step),
+    0.073 (2 steps). The EMA teacher is what stalls it: ICTRecipe, identical but for mu = 0, works.
+    """
 
     s0: int = 2
     s1: int = 150
@@ -164,7 +185,19 @@ class CTRecipe(_ToyStudent):
 
 @dataclass(frozen=True)
 class ICTRecipe(_ToyStudent):
-    """Improved consistency training (Song & Dhariwal 2023) from scratch, no EMA teacher; MEASURED_ICT."""
+    """Improved consistency training (Song & Dhariwal 2023) from scratch: no EMA teacher (target = stop-grad student).
+
+    Defaults are iCT's (s0 = 10, s1 = 1280, pseudo-Huber with c = 0.00054 sqrt(d), P_mean = -1.1,
+    P_std = 2.0). The cpu profile uses s1 = 160 (5 curriculum stages in 3,000 steps) and a
+    sampling EMA of 0.995, chosen on 8gaussians from runs of 3,000-6,000 steps (n = 20,000 quick
+    metric): s1 = 1280 / 320 / 160 / 80 all end near 0.03-0.04 at 1 step, with the raw model
+    fluctuating late in training (no lr decay), so longer runs did not help (6,000 steps: 0.047);
+    c = 0.03 instead of 0.00076 was no better; EMA 0.999 lags, lr 3e-4 or 5e-4 is slower.
+    Measured with `fewstep train --method ict --profile cpu --out ict.pt && fewstep eval --ckpt
+    ict.pt` (n = 50,000, seeds 0-2): 1 step 0.0330 ± 0.0005 (2.4x the floor 0.0136), 2 steps
+    [80, 0.30, 0] 0.0243 ± 0.0011 (1.8x), in 3,000 steps (~3-4 min wall on the loaded machine,
+    ~0.04 s a step unloaded).
+    """
 
     s0: int = 10
     s1: int = 1280
@@ -181,9 +214,15 @@ class ICTRecipe(_ToyStudent):
 
 @dataclass(frozen=True)
 class PDRecipe(_ToyStudent):
-    """Progressive distillation (PD Algorithm 2), halving teacher_steps down to student_steps; MEASURED_PD.
+    """Progressive distillation (PD Algorithm 2), halving teacher_steps down to student_steps.
 
-    `steps` is the number of optimiser steps of EACH round.
+    `steps` is the number of optimiser steps of EACH round; every student starts from its
+    teacher's weights (round 1 from the original teacher only if init_from_teacher). cpu profile
+    (64 -> 1 in 6 rounds of 600 steps, EMA 0.99) on 8gaussians from the cpu EDM teacher (Euler on
+    pd_sigmas(64): 0.0142 ± 0.0029), `fewstep train --method pd --teacher teacher.pt --profile cpu
+    --out pd.pt && fewstep eval --ckpt pd.pt`: 1 Euler step 0.0158 ± 0.0014 (n = 50,000, seeds
+    0-2; floor 0.0136 ± 0.0009); the 2-step student 0.0156 ± 0.0015. ~16 min wall in all on the
+    loaded machine.
     """
 
     teacher_steps: int = 64
@@ -194,18 +233,22 @@ class PDRecipe(_ToyStudent):
     def __post_init__(self):
         self._check(weighting=("truncated_snr", "uniform"))
         ratio = self.teacher_steps // max(self.student_steps, 1)
-        if self.student_steps < 1 or ratio < 2 or ratio * self.student_steps != self.teacher_steps or ratio & (ratio - 1):
+        exact = ratio * self.student_steps == self.teacher_steps
+        if self.student_steps < 1 or ratio < 2 or not exact or ratio & (ratio - 1):
             raise ValueError(f"teacher_steps / student_steps must be a power of two >= 2, got "
                              f"{self.teacher_steps} / {self.student_steps}")
 
 
 _STUDENT_PROFILES = {
-    # profile: {recipe class: overrides}; filled in by measurement (see each class docstring)
+    # profile: {recipe class: overrides}; cpu measured (see each class docstring); gpu NOT yet measured
     "smoke": {CDRecipe: dict(steps=60, batch_size=256), CTRecipe: dict(steps=60, batch_size=256),
               ICTRecipe: dict(steps=60, batch_size=256), PDRecipe: dict(steps=20, batch_size=256, teacher_steps=4)},
-    "cpu": {CDRecipe: dict(), CTRecipe: dict(), ICTRecipe: dict(), PDRecipe: dict()},
-    "gpu": {CDRecipe: dict(steps=20000, batch_size=4096), CTRecipe: dict(steps=40000, batch_size=4096),
-            ICTRecipe: dict(steps=40000, batch_size=4096), PDRecipe: dict(steps=8000, batch_size=4096)},
+    "cpu": {CDRecipe: dict(steps=1500, ema_decay=0.99), CTRecipe: dict(steps=3000, ema_decay=0.995),
+            ICTRecipe: dict(steps=3000, ema_decay=0.995, s1=160), PDRecipe: dict(steps=600, ema_decay=0.99)},
+    "gpu": {CDRecipe: dict(steps=6000, batch_size=4096, ema_decay=0.995),
+            CTRecipe: dict(steps=12000, batch_size=4096, ema_decay=0.999),
+            ICTRecipe: dict(steps=6000, batch_size=4096, ema_decay=0.995, s1=160),
+            PDRecipe: dict(steps=2000, batch_size=4096, ema_decay=0.995)},
 }
 
 

@@ -109,8 +109,8 @@ def test_lognormal_index_probs():
     assert s[peak - 1] <= math.exp(-1.1) <= s[peak + 2]
     # the probability mass of an interval is the lognormal mass between its ends
     a, b = s[100].log().item(), s[101].log().item()
-    mass = 0.5 * (math.erf((b + 1.1) / (2 * math.sqrt(2))) - math.erf((a + 1.1) / (2 * math.sqrt(2))))
-    total = 0.5 * (math.erf((math.log(SMAX) + 1.1) / (2 * math.sqrt(2))) - math.erf((math.log(SMIN) + 1.1) / (2 * math.sqrt(2))))
+    cdf = lambda v: 0.5 * math.erf((v + 1.1) / (2 * math.sqrt(2)))  # noqa: E731  (P_mean -1.1, P_std 2)
+    mass, total = cdf(b) - cdf(a), cdf(math.log(SMAX)) - cdf(math.log(SMIN))
     assert p[100].item() == pytest.approx(mass / total, rel=1e-9)
 
 
@@ -144,7 +144,8 @@ def test_lpips_distance_uses_the_given_module_at_224():
     d = get_distance("lpips", net=FakeLPIPS())
     out = d(torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8))
     assert seen == [torch.Size([2, 3, 224, 224])] and torch.allclose(out, torch.ones(2))
-    assert get_distance("lpips", net=FakeLPIPS(), resize=None)(torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)).shape == (2,)
+    no_resize = get_distance("lpips", net=FakeLPIPS(), resize=None)
+    assert no_resize(torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)).shape == (2,) and seen[-1][-1] == 8
 
 
 # ---------------------------------------------------------------- CD and CT losses
@@ -334,10 +335,13 @@ def _finite_samples(f, recipe, steps=1):
 
 def test_smoke_cd_from_exact_and_trained_teachers(tmp_path):
     recipe = replace(cd_recipe(profile="smoke"), steps=20)
-    f, state = tc.train_toy_cd(gaussian().denoiser, replace(recipe, dataset="gaussian"), progress=False)
+    exact = replace(recipe, dataset="gaussian", init_from_teacher=False)
+    f, state = tc.train_toy_cd(gaussian().denoiser, exact, progress=False)
     _finite_samples(f, recipe, 2)
     teacher = build_toy_model(toy_recipe("edm", profile="smoke"))
     r2 = replace(recipe, init_from_teacher=True)
+    assert torch.equal(tc.train_toy_cd(teacher, replace(r2, steps=0), progress=False)[0].net.inp.weight,
+                       teacher.net.inp.weight)  # the student starts from the teacher's weights
     f2, state2 = tc.train_toy_cd(teacher, r2, progress=False, checkpoint_path=tmp_path / "cd.pt")
     assert state2.step == 20 and all(math.isfinite(v) for _, v in state2.losses)
     g, r_loaded = tc.load_toy_consistency(tmp_path / "cd.pt")

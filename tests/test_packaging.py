@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_COMMAND = ("FEWSTEP_PROFILE=smoke python -m pytest -n 2 --dist loadscope "
+TEST_COMMAND = ("FEWSTEP_PROFILE=smoke OMP_NUM_THREADS=1 python -m pytest -n 2 --dist loadscope "
                 "--nbval-lax --nbval-current-env tests notebooks")
 
 

@@ -176,7 +176,7 @@ def _check_k(k, K):
 
 
 def lognormal_index_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
-    """iCT sec. 3.5: p(n) ∝ erf((ln sigma_{n+1} - P_mean)/(sqrt2 P_std)) - erf((ln sigma_n - P_mean)/(sqrt2 P_std)), (N-1,)."""
+    """iCT sec. 3.5: p(n) ∝ erf((ln s_{n+1} - P_mean)/(√2 P_std)) - erf((ln s_n - P_mean)/(√2 P_std)), shape (N-1,)."""
     s = torch.as_tensor(sigmas, dtype=torch.float64)
     cdf = torch.erf((s.log() - p_mean) / (math.sqrt(2) * p_std))
     p = cdf[1:] - cdf[:-1]
@@ -191,7 +191,8 @@ def data_teacher(x0: torch.Tensor) -> Callable:
 
     def D(x, sigma, cond=None):
         if x.shape != x0.shape:
-            raise ValueError(f"data_teacher(x0) denoises samples shaped like x0 {tuple(x0.shape)}, got {tuple(x.shape)}")
+            raise ValueError(f"data_teacher(x0) denoises samples shaped like x0 {tuple(x0.shape)}, "
+                             f"got {tuple(x.shape)}")
         return x0
 
     return D

@@ -29,7 +29,7 @@ __all__ = ["pd_sigmas", "pd_target", "truncated_snr_weight", "pd_loss", "progres
 
 
 def pd_sigmas(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """The N-step PD grid: sigma(i/N), i = N..1, on the rho-ramp sigma(t) from sigma_min to sigma_max, then 0 (float64)."""
+    """The N-step PD grid: sigma(i/N), i = N..1, on the rho-ramp from sigma_min to sigma_max, then 0 (float64)."""
     if not isinstance(N, int) or isinstance(N, bool) or N < 1:
         raise ValueError(f"N (sampling steps) must be an integer >= 1, got {N!r}")
     if not 0 < sigma_min < sigma_max:
@@ -92,7 +92,8 @@ def progressive_distillation_rounds(
     """
     ratio = teacher_steps // max(student_steps, 1)
     if student_steps < 1 or ratio < 2 or ratio * student_steps != teacher_steps or ratio & (ratio - 1):
-        raise ValueError(f"teacher_steps / student_steps must be a power of two >= 2, got {teacher_steps} / {student_steps}")
+        raise ValueError(f"teacher_steps / student_steps must be a power of two >= 2, "
+                         f"got {teacher_steps} / {student_steps}")
     students, N = {}, teacher_steps
     while N > student_steps:
         student = train_round(make_student(teacher), teacher, pd_sigmas(N, sigma_min, sigma_max, rho))
