@@ -32,7 +32,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .data.images import find_cifar10, from_model_range, load_cifar10, to_model_range
+from .data.images import find_cifar10, from_model_range, load_cifar10, resolve_cache_dir, to_model_range
 from .nets.classifier import CifarClassifier
 
 __all__ = ["CLASSIFIER_WEIGHTS", "classifier_info", "load_fd_classifier", "frechet_distance",
@@ -197,12 +197,7 @@ def cifar10_stats(split: str = "train", *, root=None, cache_dir=None, limit: int
 
     classifier = load_fd_classifier() if classifier is None else classifier
     source = find_cifar10(root)
-    if cache_dir is None:
-        cache_dir = os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep_lab"
-    cache_dir = Path(cache_dir).expanduser().resolve()
-    if cache_dir == source or source in cache_dir.parents:
-        raise ValueError(f"cache_dir {cache_dir} is inside the data folder {source}, which may "
-                         "be read-only; choose another cache_dir / FEWSTEP_CACHE")
+    cache_dir = resolve_cache_dir(cache_dir, source)
     data_key = hashlib.sha1(str(source).encode()).hexdigest()[:8]
     name = f"fd-stats-{split}-{'all' if limit is None else limit}-{data_key}-{_classifier_key(classifier)}"
     cached = cache_dir / f"{name}.safetensors"

@@ -36,7 +36,11 @@ _CONSISTENCY = (CDRecipe, CTRecipe, ICTRecipe)
 
 def build_toy_consistency(recipe) -> Precond:
     """The recipe's fresh model: Precond(MLP, consistency scalings), or Precond(MLP, EDM scalings) for PD."""
-    net = MLP(hidden=recipe.hidden, depth=recipe.depth, emb_dim=recipe.emb_dim, max_freq=recipe.max_freq)
+    # The initial weights are a function of recipe.seed (torch's own start seed differs per process),
+    # drawn in a forked RNG so the caller's global random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        net = MLP(hidden=recipe.hidden, depth=recipe.depth, emb_dim=recipe.emb_dim, max_freq=recipe.max_freq)
     if isinstance(recipe, PDRecipe):
         return Precond(net, get_scalings("edm", sigma_data=recipe.sigma_data))
     if isinstance(recipe, _CONSISTENCY):

@@ -333,6 +333,14 @@ def _finite_samples(f, recipe, steps=1):
     return out
 
 
+def test_initial_weights_are_a_function_of_the_seed():
+    r = ict_recipe(profile="smoke")
+    state = torch.get_rng_state()
+    a, b, c = (tc.build_toy_consistency(replace(r, seed=s)) for s in (0, 0, 1))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.net.inp.weight, b.net.inp.weight) and not torch.equal(a.net.inp.weight, c.net.inp.weight)
+
+
 def test_smoke_cd_from_exact_and_trained_teachers(tmp_path):
     recipe = replace(cd_recipe(profile="smoke"), steps=20)
     exact = replace(recipe, dataset="gaussian", init_from_teacher=False)

@@ -218,6 +218,17 @@ def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return tensors["images"], tensors["labels"]
 
 
+def resolve_cache_dir(cache_dir, source: Path) -> Path:
+    """The cache folder: `cache_dir`, else env FEWSTEP_CACHE, else ~/.cache/fewstep_lab; never inside `source`."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep_lab"
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    if cache_dir == source or source in cache_dir.parents:
+        raise ValueError(f"cache_dir {cache_dir} is inside the data folder {source}, "
+                         "which may be read-only; choose another cache_dir / FEWSTEP_CACHE")
+    return cache_dir
+
+
 def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", *,
                  cache_dir: str | os.PathLike | None = None,
                  limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,12 +242,7 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", *,
     if split not in PY_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     source = find_cifar10(root)
-    if cache_dir is None:
-        cache_dir = os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep_lab"
-    cache_dir = Path(cache_dir).expanduser().resolve()
-    if cache_dir == source or source in cache_dir.parents:
-        raise ValueError(f"cache_dir {cache_dir} is inside the data folder {source}, "
-                         "which may be read-only; choose another cache_dir / FEWSTEP_CACHE")
+    cache_dir = resolve_cache_dir(cache_dir, source)
 
     cached = _cache_file(cache_dir, source, split, limit)
     if cached.is_file():

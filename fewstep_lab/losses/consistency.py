@@ -203,19 +203,21 @@ def _same_randomness(seed: int, device: torch.device):
     """Run a block with the global RNG (dropout) seeded to `seed`, restoring the outer state after."""
     on_accel = device.type != "cpu"
     with torch.random.fork_rng(devices=[device] if on_accel else [], device_type=device.type if on_accel else "cuda"):
-        torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
+        torch.manual_seed(seed)  # the CPU and every accelerator's default generator
         yield
 
 
-def _draw_indices(sigmas, batch, index_sampling, p_mean, p_std, generator, device):
+def _gen_device(generator):
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _draw_indices(sigmas, batch, index_sampling, p_mean, p_std, generator):
+    dev = _gen_device(generator)  # draw where the generator lives, index on the CPU
     if index_sampling == "uniform":
-        return torch.randint(0, len(sigmas) - 1, (batch,), generator=generator).to(device)
+        return torch.randint(0, len(sigmas) - 1, (batch,), generator=generator, device=dev).cpu()
     if index_sampling == "lognormal":
-        probs = lognormal_index_probs(sigmas, p_mean, p_std)
-        return torch.multinomial(probs, batch, replacement=True, generator=generator).to(device)
+        probs = lognormal_index_probs(sigmas, p_mean, p_std).to(dev)
+        return torch.multinomial(probs, batch, replacement=True, generator=generator).cpu()
     raise ValueError(f"unknown index_sampling {index_sampling!r}; choose 'uniform' or 'lognormal'")
 
 
@@ -234,9 +236,9 @@ def cd_loss(
     d, lam = get_distance(distance), _weighting(weighting)
     B, dtype, device = x0.shape[0], x0.dtype, x0.device
     sigmas = cm_sigmas(N, sigma_min, sigma_max, rho)
-    n = _draw_indices(sigmas, B, index_sampling, p_mean, p_std, generator, device)
-    sig = sigmas.to(device)
-    sigma, sigma_next = sig[n].to(dtype), sig[n + 1].to(dtype)  # sigma_n < sigma_{n+1}, shape (B,)
+    n = _draw_indices(sigmas, B, index_sampling, p_mean, p_std, generator)  # on the CPU
+    # sigma_n < sigma_{n+1}, shape (B,); cast before moving (some accelerators lack float64)
+    sigma, sigma_next = (sigmas[m].to(dtype).to(device) for m in (n, n + 1))
     z = randn_like(x0, generator)
     x_next = x0 + append_dims(sigma_next, x0.ndim) * z
     with torch.no_grad():
@@ -245,7 +247,7 @@ def cd_loss(
     # Student and target must see the same dropout masks (openai/consistency_models saves and
     # restores the RNG state between the two passes): fork the global RNG and seed it identically
     # for both, from a seed drawn from the loss's own generator so the run stays reproducible.
-    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=_gen_device(generator)))
     with _same_randomness(seed, device):
         pred = f(x_next, sigma_next, cond)
     # Stop-gradient target: no graph through f_target, even when it is f itself (iCT, mu = 0).

@@ -67,7 +67,8 @@ def pd_loss(student, teacher, x0, *, sigmas, generator=None, cond=None, weightin
     if weighting not in ("truncated_snr", "uniform"):
         raise ValueError(f"unknown weighting {weighting!r}; choose 'truncated_snr' or 'uniform'")
     B, dtype, device = x0.shape[0], x0.dtype, x0.device
-    i = torch.randint(0, (len(sig) - 1) // 2, (B,), generator=generator)
+    dev = generator.device if generator is not None else torch.device("cpu")
+    i = torch.randint(0, (len(sig) - 1) // 2, (B,), generator=generator, device=dev).cpu()
     sig = sig.to(dtype)
     sigma_t, sigma_mid, sigma_s = sig[2 * i].to(device), sig[2 * i + 1].to(device), sig[2 * i + 2].to(device)
     x_t = x0 + append_dims(sigma_t, x0.ndim) * randn_like(x0, generator)
