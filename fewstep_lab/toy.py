@@ -28,7 +28,17 @@ __all__ = ["build_toy_model", "train_toy", "load_toy", "evaluate_sampler", "Eval
 
 
 def build_toy_model(recipe: ToyRecipe) -> nn.Module:
-    """The trainable module of a recipe: Precond(MLP, edm) or DiscreteEpsDenoiser(MLP eps-model)."""
+    """The trainable module of a recipe: Precond(MLP, edm) or DiscreteEpsDenoiser(MLP eps-model).
+
+    The initial weights depend only on recipe.seed (the global RNG is forked and seeded), so a
+    run is reproducible from its recipe alone.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        return _build(recipe)
+
+
+def _build(recipe: ToyRecipe) -> nn.Module:
     if recipe.method == "edm":
         net = MLP(hidden=recipe.hidden, depth=recipe.depth, emb_dim=recipe.emb_dim, max_freq=recipe.max_freq)
         return Precond(net, get_scalings("edm", sigma_data=recipe.sigma_data))
