@@ -134,10 +134,10 @@ class CDRecipe(_ToyStudent):
         fewstep train --method cd --teacher teacher.pt --profile cpu --out cd.pt
         fewstep eval --ckpt cd.pt                                        # n = 50,000, seeds 0-2
     gives CD 1 step 0.0202 ± 0.0018 (1.4x the teacher's Heun-35 0.0146 ± 0.0034; the data-vs-data
-    floor is 0.0136 ± 0.0009) and 2 steps [80, 0.24, 0] 0.0162 ± 0.0020, in 1,500 steps (~11 min
-    wall on the loaded machine, ~0.1 s a step unloaded). Starting from random weights instead
-    needed ~3,000 steps for 1-step 0.026 (n = 20,000). The exact mixture denoiser as teacher
-    needs init_from_teacher=False (it has no weights).
+    floor is 0.0136 ± 0.0009) and 2 steps [80, 0.25, 0] 0.0162 ± 0.0020, in 1,500 steps (177 s of
+    training). Starting from random weights (EMA 0.999) instead gave 1-step 0.026 after 3,000
+    steps (n = 20,000). The exact mixture denoiser as teacher needs init_from_teacher=False (it
+    has no weights to copy). The teacher's own numbers vary with its random initialisation.
     """
 
     N: int = 18
@@ -162,11 +162,12 @@ class CTRecipe(_ToyStudent):
 
     On 2-D data it does NOT converge in a CPU budget, and the course shows this rather than hiding
     it. cpu profile (3,000 steps, EMA 0.995) on 8gaussians, `fewstep train --method ct --profile cpu
-    --out ct.pt && fewstep eval --ckpt ct.pt`: 1 step 0.4260 ± 0.0006 (a collapsed blob; a point
-    at the data mean scores ~0.43), 2 steps [80, 0.25, 0] 0.284. Measured alternatives: s0 = 10,
-    s1 = 320 (same failure, 0.439 at n = 20,000); iCT's loss (pseudo-Huber, lambda = 1/dsigma,
-    lognormal levels, s0 = 10, s1 = 160) but WITH the EMA teacher mu(k): 0.194 ± 0.0003 (1 step),
-    0.073 (2 steps). The EMA teacher is what stalls it: ICTRecipe, identical but for mu = 0, works.
+    --out ct.pt && fewstep eval --ckpt ct.pt` (n = 50,000, seeds 0-2): 1 step 0.4401 ± 0.0004 (a
+    collapsed blob: a point at the data mean scores ~0.43), 2 steps 0.280 at [80, 0.25, 0] and 0.193
+    at the searched level 0.77; ~3 min. Single unseeded runs of alternatives: s0 = 10, s1 = 320:
+    the same failure (0.439 at n = 20,000); iCT's loss (pseudo-Huber, lambda = 1/dsigma, lognormal
+    levels, s0 = 10, s1 = 160) but WITH the EMA teacher mu(k): 0.194 (1 step), 0.073 (2 steps).
+    The EMA teacher is what stalls it: ICTRecipe, identical but for mu = 0, works.
     """
 
     s0: int = 2
@@ -189,14 +190,14 @@ class ICTRecipe(_ToyStudent):
 
     Defaults are iCT's (s0 = 10, s1 = 1280, pseudo-Huber with c = 0.00054 sqrt(d), P_mean = -1.1,
     P_std = 2.0). The cpu profile uses s1 = 160 (5 curriculum stages in 3,000 steps) and a
-    sampling EMA of 0.995, chosen on 8gaussians from runs of 3,000-6,000 steps (n = 20,000 quick
-    metric): s1 = 1280 / 320 / 160 / 80 all end near 0.03-0.04 at 1 step, with the raw model
-    fluctuating late in training (no lr decay), so longer runs did not help (6,000 steps: 0.047);
-    c = 0.03 instead of 0.00076 was no better; EMA 0.999 lags, lr 3e-4 or 5e-4 is slower.
-    Measured with `fewstep train --method ict --profile cpu --out ict.pt && fewstep eval --ckpt
-    ict.pt` (n = 50,000, seeds 0-2): 1 step 0.0330 ± 0.0005 (2.4x the floor 0.0136), 2 steps
-    [80, 0.30, 0] 0.0243 ± 0.0011 (1.8x), in 3,000 steps (~3-4 min wall on the loaded machine,
-    ~0.04 s a step unloaded).
+    sampling EMA of 0.995, chosen on 8gaussians from single runs of 3,000-6,000 steps (n = 20,000):
+    s1 = 1280 / 320 / 160 / 80 all end near 0.03-0.04 at 1 step, the raw model fluctuating late
+    in training (the loop has no lr decay), so 6,000 steps did not help (0.047); c = 0.03 instead
+    of 0.00076 was no better; EMA 0.999 lags; lr 3e-4 or 5e-4 is slower. Measured with
+    `fewstep train --method ict --profile cpu --seed S --out ict.pt && fewstep eval --ckpt ict.pt`
+    (n = 50,000, eval seeds 0-2), training seeds S = 0, 1, 2: 1 step 0.0409, 0.0315, 0.0397 (mean
+    0.037, 2.7x the floor 0.0136 ± 0.0009); 2 steps at [80, 0.25, 0]: 0.0227, 0.0166, 0.0142
+    (mean 0.018, 1.3x the floor); ~3 min a run (~0.06 s a step).
     """
 
     s0: int = 10

@@ -198,7 +198,8 @@ def default_steps(recipe) -> int:
 
 # The lowest level of the default multistep grid. sampling.search_consistency_sigmas (sliced W2
 # on 10,000 points) put the 2-step level of the cpu-profile 8gaussians models at 0.24 (CD) and
-# 0.26-0.30 (iCT); 0.3, 0.5 and 1.0 were 3-20% worse (see recipes.CDRecipe / ICTRecipe).
+# 0.25-0.33 (iCT, three seeds); at n = 50,000 the searched level and 0.25 score the same to
+# within 0.0002, while 0.5 and 1.0 are 5-20% worse (see recipes.CDRecipe / ICTRecipe).
 MULTISTEP_SIGMA_MIN = 0.25
 
 
