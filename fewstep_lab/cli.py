@@ -47,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="draw samples from a toy checkpoint")
-    _add_common(p)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--sampler", default=None, help="sampler name (default: heun for teachers, consistency for CMs)")
     p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default per model)")
@@ -56,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".png (scatter plot), .npy or .csv")
 
     p = sub.add_parser("eval", help="sliced W2 of a toy checkpoint's samples against fresh data, with the noise floor")
-    _add_common(p)
     p.add_argument("--ckpt", required=True, help="checkpoint path, or 'exact:<dataset>' for the exact mixture denoiser")
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=None)

@@ -13,6 +13,8 @@ distillation, LCM) call `euler_step`/`heun_step` from here; they never re-implem
 Every sampler has the signature ``sample_<name>(D, x, sigmas, *, cond=None, generator=None,
 callback=None)``, where x starts as sigmas[0] * N(0, I) and sigmas is a decreasing grid ending
 in 0; `callback` receives a dict with i, x, sigma, sigma_next and denoised after each step.
+The deterministic samplers (Euler, Heun, DPM-Solver) accept `generator` and draw nothing from
+it, so that every sampler can be called the same way (the issue's shared signature).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def heun_step(D, x, sigma, sigma_next, cond=None, denoised=None):
     return x + (d + d_next) / 2 * dt, denoised
 
 
-def _loop(step, D, x, sigmas, cond, callback):
+def _loop(step, x, sigmas, callback):
     sigmas = _prepare(x, sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
@@ -106,13 +108,13 @@ def _loop(step, D, x, sigmas, cond, callback):
 @torch.no_grad()
 def sample_euler(D, x, sigmas, *, cond=None, generator=None, callback=None):
     """Euler on the PF-ODE = deterministic DDIM (Song et al. 2021, eq. 13, eta = 0); one NFE a step."""
-    return _loop(lambda x, s, sn: euler_step(D, x, s, sn, cond), D, x, sigmas, cond, callback)
+    return _loop(lambda x, s, sn: euler_step(D, x, s, sn, cond), x, sigmas, callback)
 
 
 @torch.no_grad()
 def sample_heun(D, x, sigmas, *, cond=None, generator=None, callback=None):
     """EDM Algorithm 1 (Heun's 2nd order method, deterministic); 2 NFE a step, 1 for the last."""
-    return _loop(lambda x, s, sn: heun_step(D, x, s, sn, cond), D, x, sigmas, cond, callback)
+    return _loop(lambda x, s, sn: heun_step(D, x, s, sn, cond), x, sigmas, callback)
 
 
 def ancestral_sigmas(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -138,7 +140,7 @@ def sample_ancestral(D, x, sigmas, *, cond=None, generator=None, callback=None, 
             x = x + randn_like(x, generator) * sigma_up
         return x, denoised
 
-    return _loop(step, D, x, sigmas, cond, callback)
+    return _loop(step, x, sigmas, callback)
 
 
 @torch.no_grad()
@@ -153,7 +155,7 @@ def sample_dpm_solver_2(D, x, sigmas, *, cond=None, generator=None, callback=Non
         d_mid = to_d(x_mid, s_mid, _denoise(D, x_mid, s_mid, cond))
         return x + d_mid * (sn - s), denoised
 
-    return _loop(step, D, x, sigmas, cond, callback)
+    return _loop(step, x, sigmas, callback)
 
 
 @torch.no_grad()
@@ -174,7 +176,7 @@ def sample_dpmpp_2m(D, x, sigmas, *, cond=None, generator=None, callback=None):
         state["old"], state["h_last"] = denoised, h
         return (sn / s) * x + (1 - sn / s) * d_eff, denoised
 
-    return _loop(step, D, x, sigmas, cond, callback)
+    return _loop(step, x, sigmas, callback)
 
 
 @torch.no_grad()
@@ -193,7 +195,7 @@ def sample_euler_maruyama(D, x, sigmas, *, cond=None, generator=None, callback=N
         x = x + var * (denoised - x) / s**2 + math.sqrt(var) * randn_like(x, generator)
         return x, denoised
 
-    return _loop(step, D, x, sigmas, cond, callback)
+    return _loop(step, x, sigmas, callback)
 
 
 @torch.no_grad()
