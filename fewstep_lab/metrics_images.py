@@ -266,10 +266,13 @@ def fid(samples, reference=None, *, batch_size: int = 64, root=None, cache_dir=N
 
     if reference is None:
         reference, _ = load_cifar10(root, "train", cache_dir=cache_dir)
+    # save_cpu_ram=True only sets the DataLoader's num_workers to 0 (else 4 worker processes,
+    # pure overhead for images already in memory, and warned about on 2-core machines).
     metrics = torch_fidelity.calculate_metrics(
         input1=_Uint8Images(_to_uint8(samples).cpu()),
         input2=_Uint8Images(_to_uint8(reference).cpu()),
         fid=True, feature_extractor_weights_path=str(Path(weights).expanduser()),
         batch_size=batch_size, cuda=torch.cuda.is_available(), cache=False,
-        datasets_download=False, verbose=False)
-    return float(metrics["frechet_inception_distance"])
+        datasets_download=False, save_cpu_ram=True, verbose=False)
+    # torch-fidelity does not clip: identical sets give about -1e-6 (float32 features).
+    return max(float(metrics["frechet_inception_distance"]), 0.0)
