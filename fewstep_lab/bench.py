@@ -23,7 +23,7 @@ import torch
 from .data.toy2d import get_dataset
 from .metrics import mean_std, noise_floor
 from .profiles import get_device, get_profile
-from .recipes import cd_recipe, ct_recipe, ict_recipe, pd_recipe, toy_recipe
+from .recipes import CTRecipe, cd_recipe, ct_recipe, ict_recipe, pd_recipe, toy_recipe
 from .toy import EvalResult, evaluate_sampler, train_toy
 from .toy_consistency import evaluate_toy_consistency, train_toy_cd, train_toy_ct, train_toy_pd
 
@@ -92,14 +92,18 @@ def _bench_dataset(ds: str, profile: str, s: BenchSettings, out: Path, device, l
                                                     sigmas=_pd_grid(pd, k)), "", t_pd))
     log("  PD done")
 
-    for name, train_fn, recipe in (
-        ("CD", lambda r, p: train_toy_cd(teacher, r, checkpoint_path=p, device=device, progress=False),
+    train_ct = lambda r, p: train_toy_ct(r, checkpoint_path=p, device=device, progress=False)  # noqa: E731
+    ct = ct_recipe(ds, profile)
+    for name, stem, train_fn, recipe in (
+        ("CD", "cd", lambda r, p: train_toy_cd(teacher, r, checkpoint_path=p, device=device, progress=False),
          cd_recipe(ds, profile)),
-        ("CT", lambda r, p: train_toy_ct(r, checkpoint_path=p, device=device, progress=False), ct_recipe(ds, profile)),
-        ("iCT", lambda r, p: train_toy_ct(r, checkpoint_path=p, device=device, progress=False),
-         ict_recipe(ds, profile)),
+        # The same Algorithm 3 twice: with the toy profile's target decay mu0 and with CM's CIFAR-10
+        # value, CTRecipe's default (the dataclass defaults are CM's constants).
+        (f"CT (mu0 = {ct.mu0:g})", "ct", train_ct, ct),
+        (f"CT (mu0 = {CTRecipe.mu0:g}, CM's CIFAR-10 value)", "ct_cm", train_ct, replace(ct, mu0=CTRecipe.mu0)),
+        ("iCT", "ict", train_ct, ict_recipe(ds, profile)),
     ):
-        f, state = train_fn(recipe, out / f"{name.lower()}.pt")
+        f, state = train_fn(recipe, out / f"{stem}.pt")
         for k in (1, 2):
             rows.append(_row(name, evaluate_toy_consistency(f, recipe, k, n=s.n, seeds=seeds), "", state.seconds))
         log(f"  {name} done ({state.seconds:.0f} s training)")

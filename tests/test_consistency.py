@@ -90,6 +90,13 @@ def test_ct_N_and_mu_endpoints_and_monotone():
     assert ct_N(K // 2, K, s0=10, s1=20) == math.ceil(math.sqrt(0.5 * (21**2 - 100) + 100) - 1) + 1
     with pytest.raises(ValueError, match="0 <= k <= K"):
         ct_N(11, 10)
+    # A smaller mu0 lowers the whole schedule, which still ends below 1 and rises monotonically.
+    low = [ct_mu(k, K, mu0=0.01) for k in range(K + 1)]
+    assert low[0] == pytest.approx(0.01) and low[-1] == pytest.approx(0.01 ** (2 / 151))
+    assert all(a <= b for a, b in zip(low, low[1:])) and all(a < b for a, b in zip(low, mus))
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="mu0 is the target EMA decay"):
+            ct_mu(0, K, mu0=bad)
 
 
 def test_ict_N_exponential_curriculum():

@@ -160,6 +160,9 @@ def ct_N(k: int, K: int, s0: int = 2, s1: int = 150) -> int:
 
 def ct_mu(k: int, K: int, s0: int = 2, s1: int = 150, mu0: float = 0.9) -> float:
     """CM appendix C: the target EMA decay mu(k) = exp(s0 ln(mu0) / N(k)), from mu0 upwards."""
+    if not 0 < mu0 < 1:
+        raise ValueError(f"mu0 is the target EMA decay at N = s0 and must lie in (0, 1), got {mu0!r}; "
+                         "for no EMA teacher at all (mu = 0) use improved CT (ict_loss / ICTRecipe)")
     return math.exp(s0 * math.log(mu0) / ct_N(k, K, s0, s1))
 
 
