@@ -129,15 +129,15 @@ class CDRecipe(_ToyStudent):
     """Consistency distillation (CM Algorithm 2) of a toy teacher, student started from the teacher's weights.
 
     Defaults are CM's CIFAR-10 CD choices (N = 18, Heun, target EMA mu = 0.95) with l2 in place
-    of LPIPS. cpu profile, measured on 8gaussians (2 shared CPU cores, one thread):
-        fewstep train --method edm --profile cpu --out teacher.pt        # Heun-35 sliced W2 0.0146 ± 0.0034
+    of LPIPS. cpu profile, measured on 8gaussians (2 CPU cores, one thread):
+        fewstep train --method edm --profile cpu --out teacher.pt        # Heun-35 sliced W2 0.0176 ± 0.0031
         fewstep train --method cd --teacher teacher.pt --profile cpu --out cd.pt
-        fewstep eval --ckpt cd.pt                                        # n = 50,000, seeds 0-2
-    gives CD 1 step 0.0202 ± 0.0018 (1.4x the teacher's Heun-35 0.0146 ± 0.0034; the data-vs-data
-    floor is 0.0136 ± 0.0009) and 2 steps [80, 0.25, 0] 0.0162 ± 0.0020, in 1,500 steps (177 s of
+        fewstep eval --ckpt cd.pt [--steps 2]                            # n = 50,000, seeds 0-2
+    gives CD 1 step 0.0195 ± 0.0018 (1.1x the teacher's Heun-35 0.0176 ± 0.0031; the data-vs-data
+    floor is 0.0136 ± 0.0009) and 2 steps [80, 0.25, 0] 0.0158 ± 0.0019, in 1,500 steps (60 s of
     training). Starting from random weights (EMA 0.999) instead gave 1-step 0.026 after 3,000
-    steps (n = 20,000). The exact mixture denoiser as teacher needs init_from_teacher=False (it
-    has no weights to copy). The teacher's own numbers vary with its random initialisation.
+    steps (n = 20,000; an earlier teacher). The exact mixture denoiser as teacher needs
+    init_from_teacher=False (it has no weights to copy).
     """
 
     N: int = 18
@@ -209,7 +209,8 @@ class ICTRecipe(_ToyStudent):
     `fewstep train --method ict --profile cpu --seed S --out ict.pt && fewstep eval --ckpt ict.pt`
     (n = 50,000, eval seeds 0-2), training seeds S = 0, 1, 2: 1 step 0.0409, 0.0315, 0.0397 (mean
     0.037, 2.7x the floor 0.0136 ± 0.0009); 2 steps at [80, 0.25, 0]: 0.0227, 0.0166, 0.0142
-    (mean 0.018, 1.3x the floor); ~3 min a run (~0.06 s a step).
+    (mean 0.018, 1.3x the floor); re-measured with the same figures on the idle machine, 87-94 s
+    of training a run (one thread).
     """
 
     s0: int = 10
@@ -231,11 +232,11 @@ class PDRecipe(_ToyStudent):
 
     `steps` is the number of optimiser steps of EACH round; every student starts from its
     teacher's weights (round 1 from the original teacher only if init_from_teacher). cpu profile
-    (64 -> 1 in 6 rounds of 600 steps, EMA 0.99) on 8gaussians from the cpu EDM teacher (Euler on
-    pd_sigmas(64): 0.0142 ± 0.0029), `fewstep train --method pd --teacher teacher.pt --profile cpu
-    --out pd.pt && fewstep eval --ckpt pd.pt`: 1 Euler step 0.0158 ± 0.0014 (n = 50,000, seeds
-    0-2; floor 0.0136 ± 0.0009); the 2-step student 0.0156 ± 0.0015. ~16 min wall in all on the
-    loaded machine.
+    (64 -> 1 in 6 rounds of 600 steps, EMA 0.99) on 8gaussians from the cpu EDM teacher of
+    CDRecipe's docstring (64 Euler steps: 0.0143 ± 0.0033), `fewstep train --method pd --teacher
+    teacher.pt --profile cpu --out pd.pt && fewstep eval --ckpt pd.pt`: 1 Euler step 0.0168 ±
+    0.0018 (n = 50,000, seeds 0-2; floor 0.0136 ± 0.0009); the 2-step student (pd.2steps.pt)
+    0.0166 ± 0.0019. About 20 s of training per round, one thread.
     """
 
     teacher_steps: int = 64
