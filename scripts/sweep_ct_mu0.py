@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from fewstep_lab.data.toy2d import get_dataset
+from fewstep_lab.losses.consistency import ct_mu
 from fewstep_lab.metrics import mean_std, noise_floor
 from fewstep_lab.recipes import ct_recipe
 from fewstep_lab.toy_consistency import evaluate_toy_consistency, train_toy_ct
@@ -46,7 +47,8 @@ def main(argv=None):
         seconds = time.perf_counter() - t0
         res = [evaluate_toy_consistency(f, recipe, k, n=args.n, seeds=seeds) for k in (1, 2)]
         cells = " | ".join(f"{r.swd_mean:.4f} ± {r.swd_std:.4f}" for r in res)
-        print(f"| {mu0:g} | {mu0 ** (recipe.s0 / (recipe.s1 + 1)):.4f} | {cells} | {seconds:.0f} |", flush=True)
+        mu_end = ct_mu(recipe.steps, recipe.steps, recipe.s0, recipe.s1, mu0)  # mu(K), at N = s1 + 1
+        print(f"| {mu0:g} | {mu_end:.4f} | {cells} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
