@@ -9,25 +9,28 @@ floor (data vs data) and, for mixtures with a closed-form denoiser, the "perfect
 denoiser driving the teacher's sampler), which separates what the sampler loses from what
 training loses. The ordering the paper reports (CD-1 better than PD-1 and DDIM-10, two steps
 better than one) is an outcome to check, not to force. Run: ``fewstep bench --profile cpu``.
+
+The table is data: ``MODELS`` (what is trained, through the one pipeline, with which method and
+recipe changes) and ``ROWS`` (which model is sampled with which sampler and steps). A new method
+is a new line in each.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .data.toy2d import get_dataset
-from .metrics import mean_std, noise_floor
+from .methods import get_method
+from .methods.consistency import CTRecipe
+from .pipeline import evaluate, load_run, make_domain, make_run, train_run
 from .profiles import get_device, get_profile
-from .recipes import CTRecipe, cd_recipe, ct_recipe, ict_recipe, pd_recipe, toy_recipe
-from .toy import EvalResult, evaluate_sampler, train_toy
-from .toy_consistency import evaluate_toy_consistency, train_toy_cd, train_toy_ct, train_toy_pd
 
-__all__ = ["BenchSettings", "BENCH_SETTINGS", "run_bench", "format_table"]
+__all__ = ["BenchSettings", "BENCH_SETTINGS", "BenchModel", "BenchRow", "MODELS", "ROWS", "run_bench", "format_table",
+           "result_row"]
 
 
 @dataclass(frozen=True)
@@ -47,77 +50,103 @@ BENCH_SETTINGS = {
 }
 
 
-def _row(method: str, res: EvalResult | None, note: str = "", train_seconds: float | None = None, **extra) -> dict:
-    d = {"method": method, "note": note, "train_seconds": train_seconds, **extra}
-    if res is not None:
-        d.update(steps=res.steps, nfe=res.nfe, swd_mean=res.swd_mean, swd_std=res.swd_std,
-                 mode_tv=res.mode_error, seconds_per_10k=res.seconds_per_10k)
-    return d
+@dataclass(frozen=True)
+class BenchModel:
+    """A model the bench trains: checkpoint `key`, registered `method`, recipe `overrides`, its `teacher`'s key."""
+
+    key: str
+    method: str
+    label: str  # may name recipe fields, e.g. "CT (mu0 = {mu0:g})"
+    overrides: dict = field(default_factory=dict)
+    teacher: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One table row: `model` (a BenchModel key, or 'exact') sampled with `sampler` (None: its own) and `steps`."""
+
+    model: str
+    steps: int
+    sampler: str | None = None
+    label: str | None = None  # None: the model's label
+    note: str = ""
+    seeds: str = "seeds"  # which BenchSettings field gives the number of seeds
+
+
+MODELS = (
+    BenchModel("teacher", "edm", "EDM teacher, Heun"),
+    BenchModel("pd", "pd", "PD", teacher="teacher"),
+    BenchModel("cd", "cd", "CD", teacher="teacher"),
+    BenchModel("ct", "ct", "CT (mu0 = {mu0:g})"),
+    # The same Algorithm 3 with CM's CIFAR-10 target decay (the dataclass default).
+    BenchModel("ct_cm", "ct", "CT (mu0 = {mu0:g}, CM's CIFAR-10 value)", {"mu0": CTRecipe.mu0}),
+    BenchModel("ict", "ict", "iCT"),
+)
+
+_TEACHER_NOTE = "teacher network"
+ROWS = (
+    BenchRow("exact", 18, "heun", "perfect teacher, Heun", "exact mixture denoiser"),
+    BenchRow("exact", 10, "euler", "perfect teacher, DDIM", "exact mixture denoiser"),
+    BenchRow("teacher", 1000, "ancestral", "DDPM ancestral", "teacher network, Karras grid", seeds="ddpm_seeds"),
+    *(BenchRow("teacher", k, "euler", "DDIM (Euler)", _TEACHER_NOTE) for k in (50, 20, 10)),
+    BenchRow("teacher", 5, "dpm_solver_2", "DPM-Solver-2", _TEACHER_NOTE),
+    BenchRow("teacher", 10, "dpmpp_2m", "DPM-Solver++(2M)", _TEACHER_NOTE),
+    BenchRow("teacher", 18),
+    *(BenchRow(m.key, k) for m in MODELS[1:] for k in (1, 2)),
+)
+
+
+def result_row(label: str, res, note: str = "", train_seconds: float | None = None) -> dict:
+    """A table row (a dict for format_table) from an EvalResult."""
+    return {"method": label, "note": note, "train_seconds": train_seconds, "steps": res.steps, "nfe": res.nfe,
+            "swd_mean": res.swd_mean, "swd_std": res.swd_std, "mode_tv": res.mode_error,
+            "seconds_per_10k": res.seconds_per_10k}
+
+
+def _train_models(ds, profile, out: Path, device, log) -> dict:
+    """{key: (model, run, label, train seconds, checkpoint)} for every BenchModel, trained or resumed."""
+    trained = {}
+    for m in MODELS:
+        run = make_run(m.method, ds, profile, **m.overrides)
+        path = out / f"{m.key}.pt"
+        teacher = trained[m.teacher][0] if m.teacher else None
+        model, state = train_run(run, teacher=teacher, checkpoint_path=path, device=device, progress=False)
+        label = m.label.format(**asdict(run.recipe))
+        trained[m.key] = (model, run, label, state.seconds, path)
+        log(f"  {label} done ({state.seconds:.0f} s training)")
+    return trained
 
 
 def _bench_dataset(ds: str, profile: str, s: BenchSettings, out: Path, device, log) -> list[dict]:
     seeds = tuple(range(s.seeds))
-    data = get_dataset(ds)
-    rows = []
-    floor = mean_std(noise_floor(data.sample, s.n, seeds=seeds))
-    rows.append({"method": "data vs data (noise floor)", "nfe": 0, "swd_mean": floor[0], "swd_std": floor[1],
-                 "note": "two fresh samples of the truth"})
-    ev = lambda D, sampler, steps, **kw: evaluate_sampler(D, ds, sampler, steps, n=s.n, seeds=seeds, **kw)  # noqa: E731
-
-    if hasattr(data, "denoiser"):
-        rows.append(_row("perfect teacher, Heun", ev(data.denoiser, "heun", 18), "exact mixture denoiser"))
-        rows.append(_row("perfect teacher, DDIM", ev(data.denoiser, "euler", 10), "exact mixture denoiser"))
-
-    t0 = time.perf_counter()
-    teacher, st = train_toy(toy_recipe("edm", ds, profile), checkpoint_path=out / "teacher.pt", device=device,
-                            progress=False)
-    t_teacher = st.seconds
-    log(f"  teacher trained ({st.step} steps, {t_teacher:.0f} s)")
-    if s.ddpm_seeds:
-        res = evaluate_sampler(teacher, ds, "ancestral", 1000, n=s.n, seeds=tuple(range(s.ddpm_seeds)))
-        rows.append(_row("DDPM ancestral", res, f"teacher network, Karras grid; {s.ddpm_seeds} seed(s)"))
-    for steps in (50, 20, 10):
-        rows.append(_row("DDIM (Euler)", ev(teacher, "euler", steps), "teacher network"))
-    rows.append(_row("DPM-Solver-2", ev(teacher, "dpm_solver_2", 5), "teacher network"))
-    rows.append(_row("DPM-Solver++(2M)", ev(teacher, "dpmpp_2m", 10), "teacher network"))
-    rows.append(_row("EDM teacher, Heun", ev(teacher, "heun", 18), "", t_teacher))
-    log(f"  teacher rows done ({time.perf_counter() - t0:.0f} s)")
-
-    pd = pd_recipe(ds, profile)
-    students, states = train_toy_pd(teacher, pd, checkpoint_path=out / "pd.pt", device=device, progress=False)
-    t_pd = sum(x.seconds for x in states.values())
-    for k in (1, 2):
-        if k in students:
-            rows.append(_row("PD", evaluate_sampler(students[k], ds, "euler", k, n=s.n, seeds=seeds,
-                                                    sigmas=_pd_grid(pd, k)), "", t_pd))
-    log("  PD done")
-
-    train_ct = lambda r, p: train_toy_ct(r, checkpoint_path=p, device=device, progress=False)  # noqa: E731
-    ct = ct_recipe(ds, profile)
-    for name, stem, train_fn, recipe in (
-        ("CD", "cd", lambda r, p: train_toy_cd(teacher, r, checkpoint_path=p, device=device, progress=False),
-         cd_recipe(ds, profile)),
-        # The same Algorithm 3 twice: with the toy profile's target decay mu0 and with CM's CIFAR-10
-        # value, CTRecipe's default (the dataclass defaults are CM's constants).
-        (f"CT (mu0 = {ct.mu0:g})", "ct", train_ct, ct),
-        (f"CT (mu0 = {CTRecipe.mu0:g}, CM's CIFAR-10 value)", "ct_cm", train_ct, replace(ct, mu0=CTRecipe.mu0)),
-        ("iCT", "ict", train_ct, ict_recipe(ds, profile)),
-    ):
-        f, state = train_fn(recipe, out / f"{stem}.pt")
-        for k in (1, 2):
-            rows.append(_row(name, evaluate_toy_consistency(f, recipe, k, n=s.n, seeds=seeds), "", state.seconds))
-        log(f"  {name} done ({state.seconds:.0f} s training)")
+    exact_run = make_run("edm", ds, profile)
+    domain = make_domain(exact_run)
+    floor = domain.floor(s.n, seeds)
+    rows = [{"method": "data vs data (noise floor)", "nfe": 0, "swd_mean": floor[0], "swd_std": floor[1],
+             "note": "two fresh samples of the truth"}]
+    trained = _train_models(ds, profile, out, device, log)
+    for row in ROWS:
+        k = getattr(s, row.seeds)
+        if not k or (row.model == "exact" and domain.exact_denoiser is None):
+            continue
+        if row.model == "exact":
+            model, run, label, secs = domain.exact_denoiser, exact_run, row.label, None
+        else:
+            model, run, label, secs, path = trained[row.model]
+            other = get_method(run.method).checkpoint_for(path, run.recipe, row.steps)
+            if other != path:  # e.g. PD's 2-step student is its own checkpoint
+                model, run = load_run(other, device=device)
+            label = row.label or label
+            secs = None if row.sampler else secs
+        note = row.note + (f"; {k} seed(s)" if row.seeds != "seeds" else "")
+        res = evaluate(model, run, steps=row.steps, sampler=row.sampler, n=s.n, seeds=tuple(range(k)), domain=domain)
+        rows.append(result_row(label, res, note, secs))
+    log(f"  {ds}: {len(rows)} rows")
     for r in rows:
         r["dataset"] = ds
         if "swd_mean" in r and floor[0] > 0:
             r["x_floor"] = r["swd_mean"] / floor[0]
     return rows
-
-
-def _pd_grid(recipe, k):
-    from .losses.progressive import pd_sigmas
-
-    return pd_sigmas(k, recipe.sigma_min, recipe.sigma_max, recipe.rho)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -133,9 +162,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic: an interrupted run keeps the previous table
+
+
 def run_bench(profile=None, datasets=None, seeds=None, n=None, out_dir="runs/bench", device=None,
               log=print) -> list[dict]:
-    """Train (or resume from out_dir) every method on each dataset, measure each row, write table.md and results.json."""
+    """Train (or resume from out_dir) every model on each dataset, measure each row, write table.md and results.json."""
     profile = get_profile(profile)
     s = BENCH_SETTINGS[profile]
     s = replace(s, **{k: v for k, v in (("datasets", tuple(datasets) if datasets else None), ("seeds", seeds),
@@ -152,9 +187,8 @@ def run_bench(profile=None, datasets=None, seeds=None, n=None, out_dir="runs/ben
     table = format_table(rows)
     header = (f"fewstep bench --profile {profile}: n = {s.n}, {s.seeds} seeds, device {device}, "
               f"torch threads {torch.get_num_threads()}, total {time.perf_counter() - t0:.0f} s")
-    (out / "table.md").write_text(header + "\n\n" + table + "\n")
-    (out / "results.json").write_text(json.dumps({"settings": asdict(s), "rows": rows}, indent=1))
+    _write(out / "table.md", header + "\n\n" + table + "\n")
+    _write(out / "results.json", json.dumps({"settings": asdict(s), "rows": rows}, indent=1))
     log(header)
     log(table)
     return rows
-

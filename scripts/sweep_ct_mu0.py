@@ -2,9 +2,9 @@
 
 CM's mu(k) = exp(s0 ln(mu0) / N(k)) ties the target network's EMA to the number of levels N(k);
 on CIFAR-10 CM used mu0 = 0.9 (with s0 = 2, s1 = 150). This script trains the cpu-profile CT
-recipe (recipes.ct_recipe) with each mu0 given, everything else fixed, and prints the one- and
-two-step sliced W2 (toy_consistency.evaluate_toy_consistency) beside the data-vs-data floor. It
-is where the toy recipes' mu0 comes from (see recipes.CTRecipe).
+recipe (make_run("ct", ...)) with each mu0 given, everything else fixed, and prints the one- and
+two-step sliced W2 (pipeline.evaluate) beside the data-vs-data floor. It
+is where the toy recipes' mu0 comes from (see methods.consistency.CTRecipe).
 
     python scripts/sweep_ct_mu0.py --dataset 8gaussians                  # about 2 min per value
     python scripts/sweep_ct_mu0.py --dataset checkerboard --mu0 0.9 0.01
@@ -12,15 +12,10 @@ is where the toy recipes' mu0 comes from (see recipes.CTRecipe).
 
 import argparse
 import time
-from dataclasses import replace
-
 import torch
 
-from fewstep_lab.data.toy2d import get_dataset
 from fewstep_lab.losses.consistency import ct_mu
-from fewstep_lab.metrics import mean_std, noise_floor
-from fewstep_lab.recipes import ct_recipe
-from fewstep_lab.toy_consistency import evaluate_toy_consistency, train_toy_ct
+from fewstep_lab.pipeline import evaluate, make_domain, make_run, train_run
 
 
 def main(argv=None):
@@ -34,18 +29,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = tuple(range(args.seeds))
-    base = ct_recipe(args.dataset, args.profile)
-    floor = mean_std(noise_floor(get_dataset(args.dataset).sample, args.n, seeds=seeds))
+    base_run = make_run("ct", args.dataset, args.profile)
+    base = base_run.recipe
+    floor = make_domain(base_run).floor(args.n, seeds)
     print(f"CT on {args.dataset}, {args.profile} profile: {base.steps} steps, s0 = {base.s0}, s1 = {base.s1}, "
           f"l2, uniform levels; sliced W2 at n = {args.n}, {args.seeds} seeds; torch threads {args.threads}")
     print(f"\n| mu0 | mu at N = s1 + 1 | 1 step | 2 steps | train s |\n|---|---|---|---|---|\n"
           f"| data vs data (floor) | | {floor[0]:.4f} ± {floor[1]:.4f} | | |", flush=True)
     for mu0 in args.mu0:
-        recipe = replace(base, mu0=mu0)
+        run = make_run("ct", args.dataset, args.profile, mu0=mu0)
+        recipe = run.recipe
         t0 = time.perf_counter()
-        f, _ = train_toy_ct(recipe, progress=False)
+        f, _ = train_run(run, progress=False)
         seconds = time.perf_counter() - t0
-        res = [evaluate_toy_consistency(f, recipe, k, n=args.n, seeds=seeds) for k in (1, 2)]
+        res = [evaluate(f, run, steps=k, n=args.n, seeds=seeds) for k in (1, 2)]
         cells = " | ".join(f"{r.swd_mean:.4f} ± {r.swd_std:.4f}" for r in res)
         mu_end = ct_mu(recipe.steps, recipe.steps, recipe.s0, recipe.s1, mu0)  # mu(K), at N = s1 + 1
         print(f"| {mu0:g} | {mu_end:.4f} | {cells} | {seconds:.0f} |", flush=True)

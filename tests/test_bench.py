@@ -6,7 +6,8 @@ import math
 import pytest
 
 from fewstep_lab import bench
-from fewstep_lab.recipes import CTRecipe, ct_recipe
+from fewstep_lab.methods.consistency import CTRecipe
+from fewstep_lab.pipeline import make_run
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def smoke_run(tmp_path_factory):
 def test_rows_cover_every_method_at_one_and_two_steps(smoke_run):
     _, rows, _ = smoke_run
     few_step = {(r["method"], r["steps"]) for r in rows if r.get("nfe") in (1, 2)}
-    ct_toy = f"CT (mu0 = {ct_recipe(profile='smoke').mu0:g})"
+    ct_toy = f"CT (mu0 = {make_run('ct', '8gaussians', 'smoke').recipe.mu0:g})"
     ct_cm = f"CT (mu0 = {CTRecipe.mu0:g}, CM's CIFAR-10 value)"
     assert ct_toy != ct_cm  # the toy recipes do not use CM's CIFAR-10 target decay
     for method in ("PD", "CD", ct_toy, ct_cm, "iCT"):

@@ -24,8 +24,8 @@ def test_module_entry_point():
 
 def test_train_sample_eval_smoke(tmp_path, capsys):
     ckpt = tmp_path / "edm.pt"
-    assert main(["train", "--method", "edm", "--profile", "smoke", "--steps", "20", "--out", str(ckpt),
-                 "--quiet", "--device", "cpu"]) == 0
+    assert main(["train", "--method", "edm", "--data", "8gaussians", "--profile", "smoke", "--steps", "20",
+                 "--out", str(ckpt), "--quiet", "--device", "cpu"]) == 0
     assert "for 20 steps" in capsys.readouterr().out
     out = tmp_path / "s.npy"
     assert main(["sample", "--ckpt", str(ckpt), "--steps", "4", "--n", "64", "--out", str(out)]) == 0
@@ -47,11 +47,35 @@ def test_eval_exact_teacher_is_near_the_floor(capsys):
 def test_clear_errors(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path / "missing.pt")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(["train", "--profile", "huge", "--out", str(tmp_path / "x.pt")]) == 2
+    assert main(["train", "--method", "edm", "--profile", "huge", "--out", str(tmp_path / "x.pt")]) == 2
     assert "unknown profile 'huge'" in capsys.readouterr().err
     assert main(["eval", "--ckpt", "exact:nope"]) == 2
-    assert "unknown toy dataset" in capsys.readouterr().err
+    assert "unknown data 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", "exact:pinwheel"]) == 2
+    assert "no closed-form denoiser" in capsys.readouterr().err
     assert main(["sample", "--ckpt", "exact:gaussian", "--steps", "0", "--out", str(tmp_path / "a.png")]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--method", "cd", "--profile", "smoke", "--out", str(tmp_path / "cd.pt")]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    assert main(["train", "--method", "ict", "--profile", "smoke", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["train", "--method", "ict", "--profile", "smoke", "--set", "nope=1", "--out", str(tmp_path / "a.pt")]) == 2
+    assert "no recipe field 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--method", "gan", "--out", "x"])
+
+
+def test_set_overrides_and_a_different_run_is_not_overwritten(tmp_path, capsys):
+    from fewstep_lab.pipeline import load_run
+
+    ckpt = tmp_path / "ct.pt"
+    common = ["--profile", "smoke", "--quiet", "--device", "cpu", "--steps", "3", "--out", str(ckpt)]
+    assert main(["train", "--method", "ct", "--data", "checkerboard", "--set", "mu0=0.5", "--set", "hidden=32",
+                 *common]) == 0
+    run = load_run(ckpt)[1]
+    assert run.recipe.mu0 == 0.5 and run.data_recipe.hidden == 32 and run.data_recipe.dataset == "checkerboard"
+    before = ckpt.read_bytes()
+    assert main(["train", "--method", "ict", "--data", "checkerboard", *common]) == 2
+    assert "holds a different run" in capsys.readouterr().err and ckpt.read_bytes() == before
+    assert main(["train", "--method", "ict", "--data", "checkerboard", "--restart", *common]) == 0
+    assert load_run(ckpt)[1].method == "ict"

@@ -17,12 +17,9 @@ from fewstep_lab.data.toy2d import gaussian
 from fewstep_lab.losses.consistency import (cd_loss, cm_sigmas, ct_loss, ct_mu, ct_N, data_teacher, get_distance,
                                             ict_loss, ict_N, l1, l2, lognormal_index_probs, pseudo_huber)
 from fewstep_lab.precond import Precond, consistency_scalings
-from fewstep_lab.recipes import cd_recipe, ct_recipe, ict_recipe
 from fewstep_lab.sampling import sample_consistency, search_consistency_sigmas
 from fewstep_lab.schedules import karras_sigmas
-from fewstep_lab.toy import build_toy_model
-from fewstep_lab.recipes import toy_recipe
-from fewstep_lab import toy_consistency as tc
+from fewstep_lab.pipeline import build_model, default_sigmas, load_run, make_run, train_run
 from helpers import DT, RandomNet
 
 torch.set_num_threads(1)
@@ -64,7 +61,7 @@ def test_boundary_condition_holds_exactly_for_any_network(shape):
     x = 3 * torch.randn(shape, generator=gen(1), dtype=DT)
     assert torch.equal(f(x, SMIN), x)
     assert not torch.allclose(f(x, 1.0), x)  # the network does act away from sigma_min
-    toy = tc.build_toy_consistency(cd_recipe(profile="smoke"))
+    toy = build_model(make_run("cd", "8gaussians", "smoke"))
     x32 = torch.randn(64, 2, generator=gen(2))
     assert torch.equal(toy(x32, SMIN), x32)
 
@@ -331,8 +328,8 @@ def test_search_consistency_sigmas_finds_the_known_optimum():
 # ---------------------------------------------------------------- toy glue (smoke runs)
 
 
-def _finite_samples(f, recipe, steps=1):
-    sigmas = tc.default_sigmas(recipe, steps)
+def _finite_samples(f, run, steps=1):
+    sigmas = default_sigmas(run, steps)
     x = sigmas[0] * torch.randn(500, 2, generator=gen(19))
     with torch.no_grad():
         out = sample_consistency(f, x, sigmas, generator=gen(20))
@@ -341,37 +338,39 @@ def _finite_samples(f, recipe, steps=1):
 
 
 def test_initial_weights_are_a_function_of_the_seed():
-    r = ict_recipe(profile="smoke")
     state = torch.get_rng_state()
-    a, b, c = (tc.build_toy_consistency(replace(r, seed=s)) for s in (0, 0, 1))
+    a, b, c = (build_model(make_run("ict", "8gaussians", "smoke", seed=s)) for s in (0, 0, 1))
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a.net.inp.weight, b.net.inp.weight) and not torch.equal(a.net.inp.weight, c.net.inp.weight)
 
 
 def test_smoke_cd_from_exact_and_trained_teachers(tmp_path):
-    recipe = replace(cd_recipe(profile="smoke"), steps=20)
-    exact = replace(recipe, dataset="gaussian", init_from_teacher=False)
-    f, state = tc.train_toy_cd(gaussian().denoiser, exact, progress=False)
-    _finite_samples(f, recipe, 2)
-    teacher = build_toy_model(toy_recipe("edm", profile="smoke"))
-    r2 = replace(recipe, init_from_teacher=True)
-    assert torch.equal(tc.train_toy_cd(teacher, replace(r2, steps=0), progress=False)[0].net.inp.weight,
-                       teacher.net.inp.weight)  # the student starts from the teacher's weights
-    f2, state2 = tc.train_toy_cd(teacher, r2, progress=False, checkpoint_path=tmp_path / "cd.pt")
+    exact = make_run("cd", "gaussian", "smoke", steps=20)
+    f, state = train_run(exact, teacher=gaussian().denoiser, progress=False, checkpoint_path=tmp_path / "exact.pt")
+    _finite_samples(f, exact, 2)
+    # The exact denoiser has no weights to copy: the stored run says so.
+    assert load_run(tmp_path / "exact.pt")[1].recipe.init_from_teacher is False
+    teacher = build_model(make_run("edm", "8gaussians", "smoke"))
+    r2 = make_run("cd", "8gaussians", "smoke", steps=20)
+    assert r2.recipe.init_from_teacher
+    f0, _ = train_run(make_run("cd", "8gaussians", "smoke", steps=0), teacher=teacher, progress=False)
+    assert torch.equal(f0.net.inp.weight, teacher.net.inp.weight)  # the student starts from the teacher's weights
+    f2, state2 = train_run(r2, teacher=teacher, progress=False, checkpoint_path=tmp_path / "cd.pt")
     assert state2.step == 20 and all(math.isfinite(v) for _, v in state2.losses)
-    g, r_loaded = tc.load_toy_consistency(tmp_path / "cd.pt")
-    assert r_loaded == r2 and tc.default_sampler(r_loaded) == "consistency"
+    g, r_loaded = load_run(tmp_path / "cd.pt")
+    assert r_loaded == r2 and r_loaded.method == "cd"
     x = torch.randn(8, 2)
     assert torch.equal(g(x, 3.0), f2(x, 3.0))
+    small = build_model(make_run("edm", "8gaussians", "smoke", hidden=16))
     with pytest.raises(ValueError, match="init_from_teacher=False"):
-        tc.train_toy_cd(gaussian().denoiser, r2, progress=False)
+        train_run(r2, teacher=small, progress=False)
 
 
-@pytest.mark.parametrize("make", [ct_recipe, ict_recipe])
-def test_smoke_ct_and_ict(make, tmp_path):
-    recipe = replace(make(profile="smoke"), steps=20)
-    f, state = tc.train_toy_ct(recipe, progress=False, checkpoint_path=tmp_path / "ct.pt")
-    assert state.step == 20 and ("target" in state.emas) == (make is ct_recipe)
-    _finite_samples(f, recipe)
-    g, r_loaded = tc.load_toy_consistency(tmp_path / "ct.pt")
-    assert type(r_loaded) is type(recipe)
+@pytest.mark.parametrize("method", ["ct", "ict"])
+def test_smoke_ct_and_ict(method, tmp_path):
+    run = make_run(method, "8gaussians", "smoke", steps=20)
+    f, state = train_run(run, progress=False, checkpoint_path=tmp_path / "ct.pt")
+    assert state.step == 20 and ("target" in state.emas) == (method == "ct")
+    _finite_samples(f, run)
+    g, r_loaded = load_run(tmp_path / "ct.pt")
+    assert type(r_loaded.recipe) is type(run.recipe) and r_loaded == run

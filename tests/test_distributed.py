@@ -17,7 +17,6 @@ from torch import nn
 from fewstep_lab.distributed import DistInfo, init_distributed, rank_batch_size
 from fewstep_lab.train import read_checkpoint_meta, step_generator, train
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg")
 STEPS, HALF, SEED = 8, 4, 5
 
 
@@ -103,16 +102,15 @@ def test_single_process_and_errors(monkeypatch):
         train(_model(), _loss, _half_batch, steps=1, device="cpu", progress=False, distributed=True)
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"no shared CIFAR-10 copy at {SHARED}")
 def test_torchrun_cifar_train_writes_one_checkpoint(tmp_path):
     out = tmp_path / "edm.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fewstep_lab", "cifar", "train",
-           "--method", "edm", "--profile", "smoke", "--steps", "3", "--out", str(out), "--quiet", "--device", "cpu"]
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fewstep_lab", "train",
+           "--method", "edm", "--data", "cifar10", "--profile", "smoke", "--steps", "3", "--out", str(out), "--quiet", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)) for 3 steps" in done.stdout
-    assert done.stdout.count("trained cifar") == 1  # rank 0 alone reports
+    assert done.stdout.count("trained edm") == 1  # rank 0 alone reports
     assert [p.name for p in tmp_path.iterdir()] == ["edm.pt"]
     assert read_checkpoint_meta(out)["step"] == 3

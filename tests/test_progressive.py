@@ -1,16 +1,15 @@
 """Progressive distillation (Salimans & Ho 2022) in sigma-space: grids, the closed-form target,
 the truncated-SNR weight, the exact 2-step student of a Gaussian teacher, and the halving rounds."""
 
-from dataclasses import replace
 
 import pytest
 import torch
 
-from fewstep_lab import toy_consistency as tc
+from fewstep_lab.methods import get_method
+from fewstep_lab.pipeline import default_sigmas, load_run, make_run, train_run
 from fewstep_lab.data.toy2d import gaussian, get_dataset
 from fewstep_lab.losses.progressive import (pd_loss, pd_sigmas, pd_target, progressive_distillation_rounds,
                                             truncated_snr_weight)
-from fewstep_lab.recipes import pd_recipe
 from fewstep_lab.sampling import euler_step, sample_euler
 from helpers import DT
 
@@ -123,21 +122,24 @@ def test_rounds_halve_the_step_count_and_start_from_the_teacher():
 
 
 def test_smoke_pd_rounds_from_the_exact_teacher(tmp_path):
-    recipe = replace(pd_recipe(profile="smoke"), steps=15, teacher_steps=4, init_from_teacher=False)
-    students, states = tc.train_toy_pd(get_dataset("8gaussians").denoiser, recipe, progress=False,
-                                       checkpoint_path=tmp_path / "pd.pt")
-    assert sorted(students) == [1, 2] and all(states[n].step == 15 for n in (1, 2))
+    run = make_run("pd", "8gaussians", "smoke", steps=15, teacher_steps=4)
+    exact = get_dataset("8gaussians").denoiser
+    final, state = train_run(run, teacher=exact, progress=False, checkpoint_path=tmp_path / "pd.pt")
+    assert state.step == 15
     assert (tmp_path / "pd.pt").is_file() and (tmp_path / "pd.2steps.pt").is_file()
-    for n, student in students.items():
-        grid = tc.default_sigmas(replace(recipe, student_steps=n))
+    pd = get_method("pd")
+    assert pd.checkpoint_for(tmp_path / "pd.pt", run.recipe, 2) == tmp_path / "pd.2steps.pt"
+    assert pd.checkpoint_for(tmp_path / "pd.pt", run.recipe, 1) == tmp_path / "pd.pt"
+    model, r = load_run(tmp_path / "pd.2steps.pt")
+    assert r.recipe.student_steps == 2 and pd.sampler(r.recipe) == "euler" and pd.default_steps(r.recipe) == 2
+    assert r.recipe.init_from_teacher is False  # the exact denoiser has no weights to start from
+    for student, rr in ((final, run), (model, r)):
+        grid = default_sigmas(rr)
         out = sample_euler(student, grid[0] * torch.randn(300, 2, generator=gen(9)), grid)
-        assert torch.isfinite(out).all()
-    model, r = tc.load_toy_consistency(tmp_path / "pd.2steps.pt")
-    assert r.student_steps == 2 and tc.default_sampler(r) == "euler" and tc.default_steps(r) == 2
-    x = torch.randn(5, 2)
-    assert torch.equal(model(x, 1.0), students[2](x, 1.0))
+        assert torch.isfinite(out).all() and len(grid) - 1 == rr.recipe.student_steps
     # the second round's student starts from the first round's weights (0 training steps: equal)
-    untrained, _ = tc.train_toy_pd(get_dataset("8gaussians").denoiser, replace(recipe, steps=0), progress=False)
-    assert torch.equal(untrained[1](x, 1.0), untrained[2](x, 1.0))
-    with pytest.raises(ValueError, match="init_from_teacher=False"):
-        tc.train_toy_pd(get_dataset("8gaussians").denoiser, replace(recipe, init_from_teacher=True), progress=False)
+    x = torch.randn(5, 2)
+    train_run(make_run("pd", "8gaussians", "smoke", steps=0, teacher_steps=4), teacher=exact, progress=False,
+              checkpoint_path=tmp_path / "zero.pt")
+    one, two = load_run(tmp_path / "zero.pt")[0], load_run(tmp_path / "zero.2steps.pt")[0]
+    assert torch.equal(one(x, 1.0), two(x, 1.0))

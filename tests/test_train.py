@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewstep_lab.recipes import toy_recipe
-from fewstep_lab.toy import build_toy_model, evaluate_sampler, load_toy, train_toy
+from fewstep_lab.pipeline import build_model, load_run, make_run, train_run
 from fewstep_lab.train import (
     NonFiniteLossError,
     ema_update,
@@ -104,14 +103,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_checkpoint_round_trip_and_refuses_pickled_code(tmp_path):
-    D, state = train_toy(toy_recipe("edm", "8gaussians", "smoke", steps=3), checkpoint_path=tmp_path / "t.pt",
+    D, state = train_run(make_run("edm", "8gaussians", "smoke", steps=3), checkpoint_path=tmp_path / "t.pt",
                          progress=False)
-    loaded, recipe = load_toy(tmp_path / "t.pt")
-    assert recipe.steps == 3 and recipe.method == "edm"
+    loaded, run = load_run(tmp_path / "t.pt")
+    assert run.recipe.steps == 3 and run.method == "edm"
     x, s = torch.randn(8, 2), torch.full((8,), 1.3)
     torch.testing.assert_close(loaded(x, s), D(x, s))
     with pytest.raises(KeyError, match="no weights 'nope'"):
-        load_checkpoint(tmp_path / "t.pt", build_toy_model(recipe), which="nope")
+        load_checkpoint(tmp_path / "t.pt", build_model(run), which="nope")
 
     class Evil:
         def __reduce__(self):
@@ -121,9 +120,9 @@ def test_checkpoint_round_trip_and_refuses_pickled_code(tmp_path):
     with open(bad, "wb") as fh:
         pickle.dump({"model": Evil()}, fh)
     with pytest.raises(pickle.UnpicklingError):
-        load_checkpoint(bad, build_toy_model(recipe))
+        load_checkpoint(bad, build_model(run))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        load_checkpoint(tmp_path / "missing.pt", build_toy_model(recipe))
+        load_checkpoint(tmp_path / "missing.pt", build_model(run))
 
 
 def test_save_checkpoint_is_atomic(tmp_path):
@@ -135,32 +134,9 @@ def test_save_checkpoint_is_atomic(tmp_path):
     assert read_checkpoint_meta(path) == {"a": 1, "step": 2}
 
 
-@pytest.mark.parametrize("method", ["edm", "ddpm"])
-def test_toy_smoke_training_runs_and_learns_something(method):
-    recipe = toy_recipe(method, "8gaussians", "smoke")
-    D, state = train_toy(recipe, progress=False)
-    assert state.step == recipe.steps and all(math.isfinite(v) for _, v in state.losses)
-    assert state.losses[-1][1] < state.losses[0][1]  # the loss went down
-    if method == "edm":
-        res = evaluate_sampler(D, "8gaussians", "heun", 6, n=500, seeds=(0,))
-        assert math.isfinite(res.swd_mean)
-
-
 def test_bad_arguments():
     model, loss_fn, batch_fn = _tiny_problem()
     with pytest.raises(ValueError, match="steps"):
         train(model, loss_fn, batch_fn, steps=-1, device="cpu")
     with pytest.raises(ValueError, match="lr"):
         train(model, loss_fn, batch_fn, steps=1, lr=0, device="cpu")
-    with pytest.raises(ValueError, match="unknown toy method"):
-        toy_recipe("gan")
-    with pytest.raises(ValueError, match="unknown recipe fields"):
-        toy_recipe("edm", stepz=3)
-
-
-def test_toy_model_initialisation_depends_only_on_the_recipe_seed():
-    a = build_toy_model(toy_recipe("edm", profile="smoke", seed=3))
-    torch.randn(10)  # moving the global RNG must not matter
-    b = build_toy_model(toy_recipe("edm", profile="smoke", seed=3))
-    c = build_toy_model(toy_recipe("edm", profile="smoke", seed=4))
-    assert torch.equal(_params(a), _params(b)) and not torch.equal(_params(a), _params(c))

@@ -1,0 +1,170 @@
+"""What each ``fewstep`` sub-command does (cli.py parses; this module turns arguments into pipeline calls).
+
+Outputs are checked before any work starts (a folder or an unwritable place given as --out
+fails at once, not after training) and written atomically (a temporary file, then a rename),
+so an interrupted or failed write never leaves half a file where the old one was.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["cmd_train", "cmd_sample", "cmd_eval", "cmd_course", "cmd_bench", "cmd_data", "check_output_path"]
+
+
+def check_output_path(path, suffixes=None) -> Path:
+    """Fail now, with the fix, if `path` cannot be written as a file (a folder, a bad suffix, no permission)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path inside it, e.g. {path / ('out' + (suffixes or ['.pt'])[0])}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ValueError(f"unknown output type {path.suffix or '(none)'!r} for {path}; use one of {', '.join(suffixes)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"cannot create the folder {path.parent} for {path}: {err.strerror}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot write {path}: no permission; choose another place")
+    return path
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path) then rename onto path: the old file survives any failure."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load(ckpt: str, profile=None, device=None):
+    """(model, run) of a checkpoint, or of 'exact:<dataset>' (the closed-form denoiser with EDM's sampler)."""
+    from .pipeline import load_run, make_domain, make_run
+
+    if ckpt.startswith("exact:"):
+        run = make_run("edm", ckpt.split(":", 1)[1], profile)
+        D = make_domain(run).exact_denoiser
+        if D is None:
+            raise ValueError(f"{ckpt}: {run.data_recipe.dataset!r} has no closed-form denoiser (it is sample-only); "
+                             "choose a mixture such as 8gaussians or checkerboard")
+        return D, run
+    return load_run(ckpt, device=device or "cpu")
+
+
+def cmd_train(a) -> None:
+    from .distributed import close_distributed, init_distributed
+    from .pipeline import make_run, train_run
+    from .profiles import get_profile
+    from .recipes import apply_overrides, parse_assignment
+
+    out = check_output_path(a.out)
+    profile = get_profile(a.profile)
+    run = make_run(a.method, a.data, profile, **{k: v for k, v in (("steps", a.steps), ("seed", a.seed))
+                                                 if v is not None})
+    for text in a.set:
+        which, name, value = parse_assignment(text, [run.recipe, run.data_recipe])
+        key = ("recipe", "data_recipe")[which]
+        run = type(run)(**{**run.__dict__, key: apply_overrides(getattr(run, key), {name: value})})
+    info = init_distributed(a.device)  # under torchrun: join the group; alone: a single process
+    try:
+        _, state = train_run(run, teacher=a.teacher, checkpoint_path=out, device=info.device,
+                             progress=not a.quiet and info.is_main, restart=a.restart,
+                             checkpoint_every=max(run.recipe.steps // 10, 1), distributed=info.distributed,
+                             root=a.root)
+    finally:
+        close_distributed()
+    if info.is_main:
+        last = f"{state.losses[-1][1]:.4f}" if state.losses else "n/a"
+        print(f"trained {run.method} on {a.data} ({profile} profile, {info.world_size} process(es)) for "
+              f"{state.step} steps in {state.seconds:.1f} s; last loss {last}; checkpoint {out}")
+
+
+def cmd_sample(a) -> None:
+    import numpy as np
+
+    from .pipeline import sample
+
+    out = check_output_path(a.out, [".png", ".npy", ".csv"])
+    if a.n < 1:
+        raise ValueError(f"--n must be >= 1, got {a.n}")
+    if a.steps is not None and a.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {a.steps}")
+    D, run = _load(a.ckpt, device=a.device)
+    x = sample(D, run, a.n, steps=a.steps, sampler=a.sampler, seed=a.seed, batch_size=256 if run.data != "toy2d"
+               else None)
+    if out.suffix == ".csv" and x.ndim != 2:
+        raise ValueError("--out .csv holds 2-D points; for images use .png or .npy")
+    arr = x.numpy()
+    if out.suffix == ".png":
+        _write_atomic(out, lambda tmp: _save_png(arr, run, tmp))
+    elif out.suffix == ".npy":
+        _write_atomic(out, lambda tmp: np.save(open(tmp, "wb"), arr))
+    else:
+        _write_atomic(out, lambda tmp: np.savetxt(tmp, arr, delimiter=",", header="x,y", comments=""))
+    print(f"wrote {a.n} samples of {run.method} ({run.data}) to {out}")
+
+
+def _save_png(arr, run, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    if arr.ndim == 2:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(arr[:, 0], arr[:, 1], s=1, alpha=0.4, rasterized=True)
+        ax.set_aspect("equal")
+    else:
+        from .data.cifar10_domain import image_grid
+
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.imshow(image_grid(torch.from_numpy(arr[:64])))
+        ax.axis("off")
+    ax.set_title(f"{run.method} on {run.data}")
+    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def cmd_eval(a) -> None:
+    from .pipeline import evaluate, make_domain
+
+    if (a.seeds is not None and a.seeds < 1) or (a.n is not None and a.n < 2):
+        raise ValueError("--n must be >= 2 and --seeds >= 1")
+    if any(s < 1 for s in a.steps or []):
+        raise ValueError("--steps must be >= 1")
+    D, run = _load(a.ckpt, a.profile, a.device)
+    domain = make_domain(run, root=a.root)
+    n, seeds = a.n or domain.default_n, tuple(range(a.seeds or domain.default_seeds))
+    print(f"{run.method} on {run.data} ({getattr(run.data_recipe, 'dataset', '') or run.data_recipe}), "
+          f"n = {n}, {len(seeds)} seeds")
+    for steps in a.steps or [None]:
+        res = evaluate(D, run, steps=steps, sampler=a.sampler, n=n, seeds=seeds, domain=domain, progress=True)
+        print(res.row())
+    floor = domain.floor(n, seeds)
+    print(f"{'data vs data':>14} (noise floor)              {domain.metric} {floor[0]:.4f} ± {floor[1]:.4f}")
+
+
+def cmd_course(a) -> None:
+    from .course import run_course
+
+    run_course(profile=a.profile, out_dir=a.out, only=a.only, inplace=a.inplace)
+
+
+def cmd_bench(a) -> None:
+    from .bench import run_bench
+
+    run_bench(profile=a.profile, datasets=a.datasets, seeds=a.seeds, n=a.n, out_dir=a.out, device=a.device)
+
+
+def cmd_data(a) -> None:
+    from .data import images
+
+    if a.download:
+        root = Path(a.root or "data/cifar10")
+        images.download_cifar10(root)
+        print(f"downloaded CIFAR-10 to {root}")
+        return
+    print(f"CIFAR-10 found at {images.find_cifar10(a.root)}")
