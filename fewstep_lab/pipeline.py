@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data.domain import get_domain, resolve_data
+from .data.registry import get_domain, resolve_data
 from .methods import get_method
 from .methods.base import tagged_path
 from .profiles import PROFILES, get_profile
