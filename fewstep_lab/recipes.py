@@ -158,7 +158,8 @@ def _coerce(cls, name: str, value):
             return value
         if origin in (str, bool) and type(value) is origin:
             return value
-    raise ValueError(f"{cls.__name__}.{name} must be {hint}, got {value!r}")
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+    raise ValueError(f"{cls.__name__}.{name} must be {names}, got {value!r}")
 
 
 def recipe_from_fields(cls, values: dict):
@@ -191,9 +192,12 @@ def parse_assignment(text: str, recipes) -> tuple[int, str, object]:
     for i, recipe in enumerate(recipes):
         if name in {f.name for f in fields(recipe)}:
             try:
-                value = json.loads(raw)
+                value = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
             except json.JSONDecodeError:
-                value = raw  # a bare word: a string field
+                try:
+                    value = float(raw)  # nan, inf: refused by the recipe's own checks, with its message
+                except ValueError:
+                    value = raw  # a bare word: a string field
             if isinstance(value, list):
                 value = tuple(value)
             return i, name, _coerce(type(recipe), name, value)
