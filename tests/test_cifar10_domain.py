@@ -14,13 +14,7 @@ from fewstep_lab.nets.classifier import CifarClassifier
 from fewstep_lab.nets.unet import unet_sizes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These steps are tiny: on a shared 2-core machine a second thread costs more than it gains.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

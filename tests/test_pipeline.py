@@ -19,12 +19,7 @@ from fewstep_lab.sampling import get_sampler
 from fewstep_lab.train import save_checkpoint, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BUILTIN = ("edm", "ddpm", "cd", "ct", "ict", "pd")
