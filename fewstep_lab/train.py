@@ -23,7 +23,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
