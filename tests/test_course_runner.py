@@ -3,7 +3,6 @@ copies, paths that do not depend on the working directory, the notebook set-up h
 
 import os
 import re
-from pathlib import Path
 
 import nbformat
 import pytest
