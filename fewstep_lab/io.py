@@ -66,6 +66,32 @@ class _Recording:
         return getattr(self._f, name)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions the written file gets: those of the file it replaces, else what open() would give.
+
+    mkstemp creates its file readable by the owner only (0600); without this, every checkpoint written
+    atomically would become unreadable for the other users of a shared machine.
+    """
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO]:
     """Context manager: yield a file object for a temporary file that replaces `path` atomically on success.
@@ -85,6 +111,7 @@ def atomic_write(path, mode: str = "wb", *, encoding: str | None = None) -> Iter
             proxy = _Recording(f)
             yield proxy
             f.flush()
+            os.chmod(f.fileno() if os.chmod in os.supports_fd else tmp, _mode_for(path))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:

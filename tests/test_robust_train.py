@@ -61,6 +61,20 @@ def test_atomic_write_replaces_or_keeps_the_old_file(tmp_path):
             pass
 
 
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    # mkstemp's temporary file is 0600; the result must have the mode open() would give (or the old file's).
+    mask = os.umask(0o022)
+    try:
+        fio.atomic_write_text(tmp_path / "new.txt", "x")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "old.txt").write_text("old")
+        os.chmod(tmp_path / "old.txt", 0o640)
+        fio.atomic_write_text(tmp_path / "old.txt", "new")
+        assert (tmp_path / "old.txt").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(mask)
+
+
 def test_disk_full_keeps_the_old_checkpoint_monkeypatched(tmp_path, monkeypatch):
     # Portable version of the tmpfs test below: torch.save writes part of a file, then the disk is full.
     path = tmp_path / "run.pt"
