@@ -1,6 +1,7 @@
 """.ci/run's second run: a clean clone with no ../shared beside it, FEWSTEP_NO_DOWNLOAD=1, must pass too."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,3 +50,18 @@ def test_failure_in_the_clean_clone_fails_ci(tmp_path):
     out = _ci(_repo(tmp_path / "src", REPORT + "; test -e ../shared || exit 3"), tmp_path)
     assert out.returncode != 0
     assert "FAILED (clean clone without ../shared)" in out.stdout and "exited 3" in out.stdout
+
+
+def test_make_torch_cpu_installs_the_cpu_build_first(tmp_path):
+    def dry(*args):
+        return subprocess.run(["make", "-n", *args, f"VENV={tmp_path}/venv"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+
+    lines = dry("course", "TORCH=cpu")
+    torch_line = next(i for i, line in enumerate(lines) if "--index-url" in line)
+    package_line = next(i for i, line in enumerate(lines) if "pip install -e ." in line)
+    assert torch_line < package_line
+    pin = re.search(r'"torch==([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f'"torch=={pin}" --index-url https://download.pytorch.org/whl/cpu' in lines[torch_line]
+    assert any("--index-url https://download.pytorch.org/whl/cu128" in line for line in dry("test", "TORCH=cu128"))
+    assert not any("--index-url" in line for line in dry("course"))  # without TORCH: plain pip, as before
