@@ -7,12 +7,19 @@
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV (the environment to use;
 # `make test VENV=$$CONDA_PREFIX` uses an active conda env), PROFILE (for `make course`),
-# PYTEST_ARGS (extra pytest arguments, e.g. PYTEST_ARGS="-k sampling").
+# PYTEST_ARGS (extra pytest arguments, e.g. PYTEST_ARGS="-k sampling"), TORCH (a PyTorch build
+# to install first from PyTorch's own index: TORCH=cpu, or a CUDA tag such as TORCH=cu128;
+# TORCH_INDEX overrides the index URL).
 
 PYTHON ?= python3
 VENV ?= .venv
 PROFILE ?=
 PYTEST_ARGS ?=
+TORCH ?=
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
+# The torch version pyproject.toml pins (one source of truth).
+TORCH_VERSION := $(shell sed -n 's/.*"torch==\([0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
+TORCH_STAMP := $(if $(TORCH),$(VENV)/.fewstep-torch-$(TORCH))
 
 PY := $(VENV)/bin/python
 # Notebooks are tested by nbval; the folder may not exist yet in a fresh clone.
@@ -26,6 +33,7 @@ help:
 	@echo "make test       install [dev], then run tests and notebooks in the smoke profile"
 	@echo "make notebooks  install, then execute notebooks in place in the cpu profile"
 	@echo "make lab        install [lab], then start JupyterLab"
+	@echo "  TORCH=cpu      first install the CPU-only torch build (Linux: avoids PyPI's CUDA wheel of several GB)"
 	@echo "venv: $(VENV) (created with $(PYTHON) if missing)"
 
 # The environment itself: created once, never recreated.
@@ -34,15 +42,20 @@ $(PY):
 
 # Stamp files make installing idempotent and instant when nothing changed; they are
 # redone when pyproject.toml changes. Editable installs pick up code changes by themselves.
-$(VENV)/.fewstep-installed: pyproject.toml | $(PY)
+# With TORCH=..., torch comes first from PyTorch's index; pip then keeps it (the version matches the pin).
+$(VENV)/.fewstep-torch-%: | $(PY)
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX)
+	@touch $@
+
+$(VENV)/.fewstep-installed: pyproject.toml | $(PY) $(TORCH_STAMP)
 	$(PY) -m pip install -e .
 	@touch $@
 
-$(VENV)/.fewstep-installed-dev: pyproject.toml | $(PY)
+$(VENV)/.fewstep-installed-dev: pyproject.toml | $(PY) $(TORCH_STAMP)
 	$(PY) -m pip install -e ".[dev]"
 	@touch $@ $(VENV)/.fewstep-installed
 
-$(VENV)/.fewstep-installed-lab: pyproject.toml | $(PY)
+$(VENV)/.fewstep-installed-lab: pyproject.toml | $(PY) $(TORCH_STAMP)
 	$(PY) -m pip install -e ".[lab]"
 	@touch $@ $(VENV)/.fewstep-installed
 
@@ -66,4 +79,4 @@ lab: install-lab
 
 # Forget the install stamps (the next target reinstalls); the venv itself stays.
 clean-install:
-	rm -f $(VENV)/.fewstep-installed $(VENV)/.fewstep-installed-dev $(VENV)/.fewstep-installed-lab
+	rm -f $(VENV)/.fewstep-installed $(VENV)/.fewstep-installed-dev $(VENV)/.fewstep-installed-lab $(VENV)/.fewstep-torch-*

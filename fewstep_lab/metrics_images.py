@@ -85,10 +85,23 @@ def _as_numpy(a, name: str) -> np.ndarray:
     return a
 
 
+def _clip_eigenvalues(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric PSD matrix with rounding noise removed: those below the noise floor become 0.
+
+    ``eigh`` returns a zero eigenvalue as about +-d * eps * max|w| (float64: ~1e-15 relative), and the
+    square root turns that into ~3e-8, an error far above float64 precision. Values under that floor
+    (the threshold of ``numpy.linalg.matrix_rank``) cannot be told from 0, so they are set to 0.
+    """
+    floor = w.shape[0] * np.finfo(w.dtype).eps * max(float(np.abs(w).max(initial=0.0)), 0.0)
+    return np.where(w > floor, w, 0.0)
+
+
 def _psd_sqrt(c: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix by eigen-decomposition (negative rounding clipped)."""
+    """Symmetric square root of a symmetric PSD matrix by eigen-decomposition (rounding noise clipped to 0)."""
+    c = (c + c.T) / 2
     w, v = np.linalg.eigh(c)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    root = (v * np.sqrt(_clip_eigenvalues(w))) @ v.T
+    return (root + root.T) / 2
 
 
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
@@ -106,7 +119,8 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
                          f"{mu1.shape}, {cov1.shape}, {mu2.shape}, {cov2.shape}")
     cov1, cov2 = (cov1 + cov1.T) / 2, (cov2 + cov2.T) / 2  # remove asymmetric rounding
     s1 = _psd_sqrt(cov1)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(s1 @ cov2 @ s1), 0.0, None)).sum()
+    m = s1 @ cov2 @ s1
+    cross = np.sqrt(_clip_eigenvalues(np.linalg.eigvalsh((m + m.T) / 2))).sum()
     value = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * cross)
     return max(value, 0.0)  # exact arithmetic gives >= 0; rounding can leave about -1e-12
 

@@ -65,6 +65,11 @@ def _denoise(D, x, sigma, cond):
 def _prepare(x, sigmas):
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] < 1:
         raise ValueError("x must be a tensor of shape (batch, ...) with batch >= 1")
+    # One cheap pass before any network call: NaN/inf in the start noise would only surface as NaN samples.
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"x holds {bad} NaN or inf value(s); samplers start from finite noise, "
+                         "e.g. x = sigmas[0] * torch.randn(shape)")
     return check_sigmas(torch.as_tensor(sigmas)).to(x.device, torch.float64)
 
 

@@ -38,9 +38,9 @@ def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 def _check_grid_args(n: int, sigma_min: float, sigma_max: float) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"the number of steps must be an integer >= 1, got {n!r}")
-    if not (0 < sigma_min < sigma_max):
+    if not (0 < sigma_min < sigma_max < math.inf):
         raise ValueError(
-            f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
+            f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}"
         )
 
 
@@ -49,6 +49,8 @@ def karras_sigmas(
 ) -> torch.Tensor:
     """EDM eq. 5: n noise levels from sigma_max down to sigma_min, then 0 (n + 1 values)."""
     _check_grid_args(n, sigma_min, sigma_max)
+    if not (0 < rho < math.inf):
+        raise ValueError(f"rho must be a positive finite number (EDM uses 7), got {rho}")
     if n == 1:
         return torch.tensor([sigma_max, 0.0], dtype=torch.float64).float().to(device)
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)

@@ -7,8 +7,11 @@ Ho et al. 2020, sec. 4 and Song et al. 2023's target network theta^-), bf16 auto
 and hooks. Randomness is re-seeded from (seed, step) at every step, so a run resumed from a
 checkpoint continues exactly as the uninterrupted run would have (on the same device).
 Checkpoints hold only tensors and plain data (``torch.load(weights_only=True)``): loading one
-never executes pickled code. A non-finite loss or gradient stops training with
-`NonFiniteLossError` and leaves the last good checkpoint untouched. With ``distributed=True``
+never executes pickled code, and a file that is not a readable checkpoint raises `CheckpointError`.
+Checkpoints are written atomically (io.atomic_write) under a lock file (io.FileLock), so a crash or a
+full disk keeps the previous checkpoint and two runs never write the same one. A non-finite loss,
+gradient or parameter stops training with `NonFiniteLossError` before anything is saved, so the
+checkpoint on disk is always the last good one. With ``distributed=True``
 (several processes started by torchrun, see distributed.py) the model is wrapped in
 DistributedDataParallel, which averages gradients over the ranks (data parallelism, Li et al.
 2020, "PyTorch Distributed"); each rank draws its own data from (seed, step, rank).
@@ -16,10 +19,9 @@ DistributedDataParallel, which averages gradients over the ranks (data paralleli
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +30,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .profiles import get_device
+# Checkpoint files live in checkpoints.py; re-exported here, where they always were.
+from .checkpoints import CHECKPOINT_KEYS, CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint  # noqa: F401
+from .io import FileLock
+from .profiles import get_device, progress_enabled
 
 __all__ = [
     "NonFiniteLossError",
+    "CheckpointError",
     "TrainContext",
     "TrainState",
     "train",
@@ -44,7 +50,7 @@ __all__ = [
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
+    """Training produced a NaN/inf loss, gradient or parameter; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -111,62 +117,6 @@ def _decay(d, step: int) -> float:
     return float(value)
 
 
-def save_checkpoint(path, state: TrainState, meta: Mapping[str, Any] | None = None) -> None:
-    """Write tensors and JSON metadata atomically (tmp file + rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {
-        "model": state.model.state_dict(),
-        "emas": {k: v.state_dict() for k, v in state.emas.items()},
-        "optimizer": state.optimizer.state_dict(),
-        "step": state.step,
-        "losses": [[int(s), float(v)] for s, v in state.losses],
-        "seconds": float(state.seconds),
-        "meta_json": json.dumps(dict(meta or {})),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-
-
-def _read(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train one first (fewstep train ...)")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_checkpoint_meta(path) -> dict:
-    """The JSON metadata stored with a checkpoint (recipe, network arguments, step)."""
-    blob = _read(path)
-    meta = json.loads(blob["meta_json"])
-    meta["step"] = blob["step"]
-    return meta
-
-
-def load_checkpoint(path, model: nn.Module, *, which: str = "ema", state: TrainState | None = None) -> dict:
-    """Load weights into `model` ('model' or an EMA name); with `state`, restore everything to resume."""
-    blob = _read(path)
-    if which == "model":
-        model.load_state_dict(blob["model"])
-    elif which in blob["emas"]:
-        model.load_state_dict(blob["emas"][which])
-    else:
-        raise KeyError(f"checkpoint has no weights {which!r}; available: ['model', *{sorted(blob['emas'])}]")
-    if state is not None:
-        state.model.load_state_dict(blob["model"])
-        for k, v in blob["emas"].items():
-            if k in state.emas:
-                state.emas[k].load_state_dict(v)
-        state.optimizer.load_state_dict(blob["optimizer"])
-        state.step = int(blob["step"])
-        state.losses = [tuple(x) for x in blob["losses"]]
-        state.seconds = float(blob["seconds"])
-    meta = json.loads(blob["meta_json"])
-    meta["step"] = blob["step"]
-    return meta
-
-
 def train(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any, TrainContext], torch.Tensor],
@@ -189,7 +139,7 @@ def train(
     meta: Mapping[str, Any] | None = None,
     hooks: Sequence[tuple[int, Callable[[TrainState], None]]] = (),
     log_every: int = 100,
-    progress: bool = True,
+    progress: bool | None = True,
     distributed: bool = False,
 ) -> TrainState:
     """Train `model` for `steps` optimiser steps (AdamW); returns the final TrainState.
@@ -200,12 +150,15 @@ def train(
     existing checkpoint is continued. distributed=True needs an initialised process group
     (distributed.init_distributed): the loss sees the DDP-wrapped model, gradients are averaged
     over ranks, the logged loss is the mean over ranks, and hooks, the progress bar and
-    checkpoints run on rank 0 only (the EMA copies are identical on every rank).
+    checkpoints run on rank 0 only (the EMA copies are identical on every rank). progress shows a
+    tqdm bar (None: on); the environment variable FEWSTEP_PROGRESS=0 turns every bar off (fewstep
+    course sets it, so that executed notebooks are committed without bars). A checkpoint_path is
+    locked for the run (io.FileLock): a second run on it raises io.LockedError.
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if lr <= 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     lr_at(0, steps, lr, warmup, lr_schedule)  # validates the schedule's name
     device = get_device(device)
     model.to(device)
@@ -224,70 +177,105 @@ def train(
         for ema in emas.values():
             ema.load_state_dict(model.state_dict())
     main = rank == 0
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
-    state = TrainState(model=model, emas=emas, optimizer=opt)
-    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
-        load_checkpoint(checkpoint_path, model, which="model", state=state)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, initial=state.step, disable=not (progress and main), desc="train")
-    running, t0 = [], time.perf_counter()
-    while state.step < steps:
-        step = state.step
-        g = step_generator(seed, step, rank=rank)
-        torch.manual_seed(seed * 1_000_003 + step + rank * RANK_STRIDE)  # dropout and other global-RNG users
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup, lr_schedule)
-        net.train()
-        batch = batch_fn(g)
-        ctx = TrainContext(step=step, steps=steps, emas=emas, generator=g, device=device)
-        with autocast:
-            loss = loss_fn(net, batch, ctx).float().mean()
-        mean_loss = loss.detach().clone()
-        if distributed:  # the mean over ranks: a NaN on any rank reaches all, so all stop together
-            dist.all_reduce(mean_loss)
-            mean_loss /= world
-        if not torch.isfinite(mean_loss):
-            bar.close()
-            raise NonFiniteLossError(
-                f"loss became {mean_loss.item()} at step {step}; the last good checkpoint "
-                f"({checkpoint_path or 'none was requested'}) was kept. Lower the learning rate, "
-                "enable gradient clipping, or check the data for NaN."
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if not torch.isfinite(norm):
-                bar.close()
-                raise NonFiniteLossError(
-                    f"gradient norm became {norm.item()} at step {step}; the last good checkpoint "
-                    f"({checkpoint_path or 'none was requested'}) was kept. Lower the learning rate."
-                )
-        opt.step()
-        for name, ema in emas.items():
-            ema_update(ema, model, _decay(ema_decays[name], step))
-        state.step += 1
-        running.append(mean_loss.item())
-        if state.step % log_every == 0 or state.step == steps:
-            state.losses.append((state.step, sum(running) / len(running)))
-            bar.set_postfix(loss=f"{state.losses[-1][1]:.4f}")
-            running = []
-        bar.update(1)
-        state.seconds += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for every, fn in hooks:
-            if every and state.step % every == 0 and main:
-                fn(state)
-        if checkpoint_path is not None and checkpoint_every and state.step % checkpoint_every == 0 and main:
-            save_checkpoint(checkpoint_path, state, meta)
-    bar.close()
-    if checkpoint_path is not None and main:
-        save_checkpoint(checkpoint_path, state, meta)
+    # One writer per checkpoint: a second run on the same path is refused (stale locks of dead PIDs are
+    # taken over); released at the end, also when training raises.
+    lock = FileLock(checkpoint_path, purpose="training into") if checkpoint_path is not None and main else None
+    with lock or contextlib.nullcontext():
+        state = _loop(model, net, emas, loss_fn, batch_fn, steps=steps, lr=lr, weight_decay=weight_decay,
+                      betas=betas, warmup=warmup, lr_schedule=lr_schedule, grad_clip=grad_clip,
+                      ema_decays=ema_decays, seed=seed, device=device, bf16=bf16, checkpoint_path=checkpoint_path,
+                      checkpoint_every=checkpoint_every, resume=resume, meta=meta, hooks=hooks,
+                      log_every=log_every, progress=progress_enabled(progress) and main, rank=rank,
+                      world=world if distributed else None)
     if distributed:
         dist.barrier()  # every rank returns only once the final checkpoint exists
     for m in (model, *emas.values()):
         m.eval()
+    return state
+
+
+def _stop(what: str, value: float, step: int, checkpoint_path, saved_step: int | None, fix: str):
+    """NonFiniteLossError whose message says truthfully which checkpoint (if any) is on disk."""
+    if checkpoint_path is None:
+        kept = "no checkpoint was requested"
+    elif saved_step is None:
+        kept = f"nothing was written to {checkpoint_path}"
+    else:
+        kept = f"the last good checkpoint ({checkpoint_path}, step {saved_step}) was kept"
+    return NonFiniteLossError(f"{what} became {value} at step {step}; {kept}. {fix}")
+
+
+def _loop(model, net, emas, loss_fn, batch_fn, *, steps, lr, weight_decay, betas, warmup, lr_schedule, grad_clip,
+          ema_decays, seed, device, bf16, checkpoint_path, checkpoint_every, resume, meta, hooks, log_every,
+          progress, rank, world):
+    """The body of `train` (world=None: one process)."""
+    main = rank == 0
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    state = TrainState(model=model, emas=emas, optimizer=opt)
+    saved_step = None  # the step of the checkpoint on disk, when there is one
+    if checkpoint_path is not None and resume and Path(checkpoint_path).is_file():
+        load_checkpoint(checkpoint_path, model, which="model", state=state)
+        saved_step = state.step
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    params = [p for p in model.parameters()]
+
+    from tqdm.auto import tqdm
+
+    running, t0 = [], time.perf_counter()
+    with tqdm(total=steps, initial=state.step, disable=not progress, desc="train") as bar:
+        while state.step < steps:
+            step = state.step
+            g = step_generator(seed, step, rank=rank)
+            torch.manual_seed(seed * 1_000_003 + step + rank * RANK_STRIDE)  # dropout and other global-RNG users
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup, lr_schedule)
+            net.train()
+            batch = batch_fn(g)
+            ctx = TrainContext(step=step, steps=steps, emas=emas, generator=g, device=device)
+            with autocast:
+                loss = loss_fn(net, batch, ctx).float().mean()
+            mean_loss = loss.detach().clone()
+            if world is not None:  # the mean over ranks: a NaN on any rank reaches all, so all stop together
+                import torch.distributed as dist
+
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
+            if not torch.isfinite(mean_loss):
+                raise _stop("loss", mean_loss.item(), step, checkpoint_path, saved_step,
+                            "Lower the learning rate, enable gradient clipping, or check the data for NaN.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            # The gradient norm is checked with or without clipping: a finite loss can still have inf gradients.
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if not torch.isfinite(norm):
+                raise _stop("gradient norm", norm.item(), step, checkpoint_path, saved_step,
+                            "Lower the learning rate or enable gradient clipping (grad_clip).")
+            if grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+            opt.step()
+            # An overflow in the optimiser step itself would reach the weights: check them before any EMA or save.
+            pnorm = torch.nn.utils.get_total_norm(params)
+            if not torch.isfinite(pnorm):
+                raise _stop("parameter norm", pnorm.item(), step, checkpoint_path, saved_step,
+                            "Lower the learning rate.")
+            for name, ema in emas.items():
+                ema_update(ema, model, _decay(ema_decays[name], step))
+            state.step += 1
+            running.append(mean_loss.item())
+            if state.step % log_every == 0 or state.step == steps:
+                state.losses.append((state.step, sum(running) / len(running)))
+                bar.set_postfix(loss=f"{state.losses[-1][1]:.4f}")
+                running = []
+            bar.update(1)
+            state.seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for every, fn in hooks:
+                if every and state.step % every == 0 and main:
+                    fn(state)
+            if checkpoint_path is not None and checkpoint_every and state.step % checkpoint_every == 0 and main:
+                save_checkpoint(checkpoint_path, state, meta)
+                saved_step = state.step
+    if checkpoint_path is not None and main:
+        save_checkpoint(checkpoint_path, state, meta)
     return state

@@ -100,8 +100,10 @@ def test_missing_data_error_lists_places_and_fixes(tmp_path, monkeypatch):
     for base in (tmp_path, tmp_path / "repo"):
         for rel in ("data/cifar10", "data/cifar-10-batches-py", "../shared/data/cifar10-jpeg"):
             assert str((base / rel).resolve()) in text
-    for fix in ("FEWSTEP_DATA", "--data", "download_cifar10"):
+    for fix in ("FEWSTEP_DATA", "fewstep data cifar10 --download", "--root", "./data/cifar10", im.URL):
         assert fix in text
+    assert "--data" not in text  # `fewstep data` has --root; --data was never a flag of it
+    assert isinstance(err.value, im.DataUnavailableError)
     # FEWSTEP_DATA, when set, is used and is the only place looked at.
     monkeypatch.setenv("FEWSTEP_DATA", str(tmp_path / "elsewhere"))
     with pytest.raises(FileNotFoundError, match="FEWSTEP_DATA") as err:

@@ -43,12 +43,31 @@ def test_shifted_means_give_squared_shift():
 @pytest.mark.parametrize("rotate", [False, True])
 def test_commuting_covariances_closed_form(rotate):
     # Diagonal (or jointly rotated, hence commuting) covariances: |dmu|^2 + sum (sqrt a - sqrt b)^2.
+    # b has a zero eigenvalue: eigh returns it as +-1e-15, whose square root (3e-8) used to leak into
+    # the result on some BLAS; rel=1e-7 is float64's honest accuracy here and still catches any real
+    # error (a wrong cross term is off by O(1)).
     a, b = np.array([1.0, 4.0, 0.25, 9.0]), np.array([4.0, 1.0, 0.25, 0.0])
     mu1, mu2 = np.array([0.0, 1.0, 0.0, 0.0]), np.array([0.0, 0.0, 2.0, 0.0])
     q = rotation(4, 3) if rotate else np.eye(4)
     cov1, cov2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
     expected = 5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # 1 + 1 + 0 + 9 = 11 from the covs
-    assert mi.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(expected, abs=1e-8)
+    assert mi.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(expected, rel=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_zero_eigenvalues_give_exact_roots(seed):
+    # Rotated PSD matrices with several zero eigenvalues: the root squares back, its zero directions stay
+    # zero (not ~1e-8 from rounding), and FD matches the closed form for commuting covariances.
+    d = 12
+    q = rotation(d, seed)
+    a = np.r_[np.random.default_rng(seed).uniform(0.5, 9.0, d - 3), 0.0, 0.0, 0.0]
+    b = np.r_[np.zeros(3), np.random.default_rng(seed + 10).uniform(0.5, 9.0, d - 3)]
+    cov1, cov2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    root = mi._psd_sqrt(cov1)
+    np.testing.assert_allclose(root @ root, cov1, atol=1e-12)
+    assert np.abs(root @ q[:, -3:]).max() < 1e-12  # no sqrt(rounding noise) in the null space
+    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert mi.frechet_distance(np.zeros(d), cov1, np.zeros(d), cov2) == pytest.approx(expected, rel=1e-7)
 
 
 def test_singular_covariances_stay_real_and_exact():

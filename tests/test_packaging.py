@@ -16,6 +16,7 @@ import yaml
 
 import fewstep_lab
 from fewstep_lab import course
+from fewstep_lab import paths as course_paths
 from fewstep_lab.course import NotebookError, figure_path, list_notebooks, run_course, run_notebook
 
 try:
@@ -187,8 +188,13 @@ def test_figure_path_under_run_dir(tmp_path, monkeypatch):
     path = figure_path("sub/loss")
     assert path == tmp_path / "run" / "sub" / "loss.png" and path.parent.is_dir()
     monkeypatch.delenv("FEWSTEP_RUN_DIR")
-    monkeypatch.chdir(tmp_path)
-    assert figure_path("a.png") == Path("runs/figures/a.png") and (tmp_path / "runs/figures").is_dir()
+    monkeypatch.delenv("FEWSTEP_RUNS", raising=False)
+    # Without it: runs/figures of the repository, whatever the working directory (JupyterLab: notebooks/).
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.setattr(course_paths, "PACKAGE_PARENT", tmp_path)
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert figure_path("a.png") == tmp_path / "runs/figures/a.png" and (tmp_path / "runs/figures").is_dir()
 
 
 def test_run_course_runs_in_order_and_reports_the_failing_cell(tmp_path, capsys):

@@ -9,6 +9,7 @@ from torch import nn
 
 from fewstep_lab.pipeline import build_model, load_run, make_run, train_run
 from fewstep_lab.train import (
+    CheckpointError,
     NonFiniteLossError,
     ema_update,
     load_checkpoint,
@@ -119,8 +120,9 @@ def test_checkpoint_round_trip_and_refuses_pickled_code(tmp_path):
     bad = tmp_path / "evil.pt"
     with open(bad, "wb") as fh:
         pickle.dump({"model": Evil()}, fh)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="evil.pt is not a fewstep checkpoint") as info:
         load_checkpoint(bad, build_model(run))
+    assert "weights_only" not in str(info.value)  # torch's advice to unpickle anyway is never passed on
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt", build_model(run))
 

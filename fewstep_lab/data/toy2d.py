@@ -49,6 +49,13 @@ def _apply(mats, v):
     return (mats @ v[..., None])[..., 0]
 
 
+
+def _unconditional(cond, name: str) -> None:
+    """The exact denoisers know one distribution: a label or other condition cannot be used, so it is refused."""
+    if cond is not None:
+        raise ValueError(f"{name} is unconditional: its exact denoiser takes cond=None, got a cond of type "
+                         f"{type(cond).__name__}; drop cond (or train a conditional network for labels)")
+
 class GaussianMixture:
     """sum_k w_k N(mu_k, S_k) in d dimensions with exact denoiser, score and log-density at every sigma."""
 
@@ -129,6 +136,7 @@ class GaussianMixture:
 
     def denoiser(self, x, sigma, cond=None):
         """The exact D(x, sigma) = E[x0 | x] (Tweedie), in x's dtype; a drop-in sigma-space denoiser."""
+        _unconditional(cond, type(self).__name__)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         x64 = x.to(torch.float64)
@@ -212,6 +220,7 @@ class UniformBoxMixture:
 
     def denoiser(self, x, sigma, cond=None):
         """The exact D(x, sigma) = E[x0 | x], in x's dtype."""
+        _unconditional(cond, type(self).__name__)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         x64, s, alpha, beta, log_z = self._terms(x, sigma)
