@@ -8,7 +8,7 @@ place through environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, 
 ``init_distributed`` reads them and joins the process group (NCCL between CUDA GPUs, Gloo on
 CPUs). The averaging itself is DistributedDataParallel inside ``train.train(distributed=True)``.
 
-    torchrun --nproc_per_node=4 -m fewstep_lab cifar train --method edm --profile gpu --out runs/edm.pt
+    torchrun --nproc_per_node=4 -m fewstep_lab train --method edm --data cifar10 --profile gpu --out runs/edm.pt
 """
 
 from __future__ import annotations
