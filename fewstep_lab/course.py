@@ -26,7 +26,7 @@ from pathlib import Path
 # figure_path` stays instant); profiles.py (and so torch) is imported inside the functions.
 from .paths import RUN_DIR_ENV, figure_path, repo_root, run_path  # noqa: F401
 
-NOTEBOOK_PATTERN = re.compile(r"^\d\d_.*\.ipynb$")
+NOTEBOOK_PATTERN = re.compile(r"^\d\d[a-z]?_.*\.ipynb$")  # 04_..., 04b_... (a lesson in two parts)
 # Errors that come from the machine, not the code: the notebook is skipped with the fix, the course goes on.
 EXTERNAL = {"DataUnavailableError": "CIFAR-10 is not available here",
             "URLError": "it needs network access", "HTTPError": "it needs network access",

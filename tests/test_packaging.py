@@ -176,9 +176,9 @@ OK_CELLS = (
 
 
 def test_list_notebooks_keeps_numbered_ones_sorted(tmp_path):
-    for name in ["10_b.ipynb", "02_a.ipynb", "scratch.ipynb", "2_x.ipynb", "03_c.txt"]:
+    for name in ["10_b.ipynb", "02b_z.ipynb", "02_a.ipynb", "scratch.ipynb", "2_x.ipynb", "03_c.txt", "02bb_y.ipynb"]:
         (tmp_path / name).write_text("{}")
-    assert [p.name for p in list_notebooks(tmp_path)] == ["02_a.ipynb", "10_b.ipynb"]
+    assert [p.name for p in list_notebooks(tmp_path)] == ["02_a.ipynb", "02b_z.ipynb", "10_b.ipynb"]
     with pytest.raises(FileNotFoundError, match="no notebook folder"):
         list_notebooks(tmp_path / "missing")
 
