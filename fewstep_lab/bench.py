@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .io import atomic_write_text
 from .methods import get_method
 from .methods.consistency import CTRecipe
 from .pipeline import evaluate, load_run, make_domain, make_run, train_run
@@ -162,12 +163,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # atomic: an interrupted run keeps the previous table
-
-
 def run_bench(profile=None, datasets=None, seeds=None, n=None, out_dir="runs/bench", device=None,
               log=print) -> list[dict]:
     """Train (or resume from out_dir) every model on each dataset, measure each row, write table.md and results.json."""
@@ -187,8 +182,9 @@ def run_bench(profile=None, datasets=None, seeds=None, n=None, out_dir="runs/ben
     table = format_table(rows)
     header = (f"fewstep bench --profile {profile}: n = {s.n}, {s.seeds} seeds, device {device}, "
               f"torch threads {torch.get_num_threads()}, total {time.perf_counter() - t0:.0f} s")
-    _write(out / "table.md", header + "\n\n" + table + "\n")
-    _write(out / "results.json", json.dumps({"settings": asdict(s), "rows": rows}, indent=1))
+    # Atomic writes: an interrupted run or a full disk keeps the previous table.
+    atomic_write_text(out / "table.md", header + "\n\n" + table + "\n")
+    atomic_write_text(out / "results.json", json.dumps({"settings": asdict(s), "rows": rows}, indent=1))
     log(header)
     log(table)
     return rows

@@ -2,7 +2,7 @@
 
 Outputs are checked before any work starts (a folder or an unwritable place given as --out
 fails at once, not after training) and written atomically (a temporary file, then a rename),
-so an interrupted or failed write never leaves half a file where the old one was.
+so an interrupted or failed write never leaves half a file where the old one was (``io.atomic_write``).
 """
 
 from __future__ import annotations
@@ -27,16 +27,6 @@ def check_output_path(path, suffixes=None) -> Path:
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise PermissionError(f"cannot write {path}: no permission; choose another place")
     return path
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename onto path: the old file survives any failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _load(ckpt: str, profile=None, device=None):
@@ -84,6 +74,7 @@ def cmd_train(a) -> None:
 def cmd_sample(a) -> None:
     import numpy as np
 
+    from .io import atomic_write
     from .pipeline import sample
 
     out = check_output_path(a.out, [".png", ".npy", ".csv"])
@@ -97,12 +88,14 @@ def cmd_sample(a) -> None:
     if out.suffix == ".csv" and x.ndim != 2:
         raise ValueError("--out .csv holds 2-D points; for images use .png or .npy")
     arr = x.numpy()
-    if out.suffix == ".png":
-        _write_atomic(out, lambda tmp: _save_png(arr, run, tmp))
-    elif out.suffix == ".npy":
-        _write_atomic(out, lambda tmp: np.save(open(tmp, "wb"), arr))
-    else:
-        _write_atomic(out, lambda tmp: np.savetxt(tmp, arr, delimiter=",", header="x,y", comments=""))
+    # Written to a temporary file and renamed: a failure (a full disk) keeps any old file intact.
+    with atomic_write(out, "w" if out.suffix == ".csv" else "wb") as fh:
+        if out.suffix == ".png":
+            _save_png(arr, run, fh)
+        elif out.suffix == ".npy":
+            np.save(fh, arr)
+        else:
+            np.savetxt(fh, arr, delimiter=",", header="x,y", comments="")
     print(f"wrote {a.n} samples of {run.method} ({run.data}) to {out}")
 
 

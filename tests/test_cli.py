@@ -79,3 +79,35 @@ def test_set_overrides_and_a_different_run_is_not_overwritten(tmp_path, capsys):
     assert "holds a different run" in capsys.readouterr().err and ckpt.read_bytes() == before
     assert main(["train", "--method", "ict", "--data", "checkerboard", "--restart", *common]) == 0
     assert load_run(ckpt)[1].method == "ict"
+
+
+def test_restart_keeps_the_old_checkpoint_until_the_new_run_writes(tmp_path):
+    from fewstep_lab.pipeline import load_run, make_run, train_run
+
+    ckpt = tmp_path / "m.pt"
+    train_run(make_run("ict", "8gaussians", "smoke", steps=2), checkpoint_path=ckpt, progress=False)
+    before = ckpt.read_bytes()
+
+    def crash(state):
+        raise RuntimeError("killed before the first checkpoint")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train_run(make_run("edm", "8gaussians", "smoke", steps=5), checkpoint_path=ckpt, restart=True,
+                  progress=False, hooks=[(1, crash)])
+    assert ckpt.read_bytes() == before and load_run(ckpt)[1].method == "ict"
+
+
+def test_a_full_disk_keeps_the_old_sample_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "s.npy"
+    out.write_bytes(b"old samples")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    assert main(["sample", "--ckpt", "exact:8gaussians", "--n", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "disk" in err and "full" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"old samples" and [p.name for p in tmp_path.iterdir()] == ["s.npy"]
