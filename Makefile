@@ -3,6 +3,8 @@
 #   make course     run every notebook headless (default profile), outputs under runs/
 #   make test       the test suite plus the notebooks, in the smoke profile (what CI runs)
 #   make notebooks  re-execute the notebooks in place in the cpu profile (to commit outputs)
+#   make student    the student edition (solutions replaced by stubs) in runs/student/
+#   make slides     a reveal.js deck per notebook in runs/slides/
 #   make lab        start JupyterLab
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV (the environment to use;
@@ -26,12 +28,14 @@ PY := $(VENV)/bin/python
 TEST_PATHS := tests $(wildcard notebooks)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-lab course test notebooks lab clean-install
+.PHONY: help install install-dev install-lab course test notebooks student slides lab clean-install
 
 help:
 	@echo "make course     install, then run every notebook headless (PROFILE=smoke|cpu|gpu to choose)"
 	@echo "make test       install [dev], then run tests and notebooks in the smoke profile"
 	@echo "make notebooks  install, then execute notebooks in place in the cpu profile"
+	@echo "make student    install, then write the student edition (exercises stubbed) to runs/student/"
+	@echo "make slides     install [dev], then write a reveal.js deck per notebook to runs/slides/"
 	@echo "make lab        install [lab], then start JupyterLab"
 	@echo "  TORCH=cpu      first install the CPU-only torch build (Linux: avoids PyPI's CUDA wheel of several GB)"
 	@echo "venv: $(VENV) (created with $(PYTHON) if missing)"
@@ -73,6 +77,14 @@ test: install-dev
 
 notebooks: install
 	$(VENV)/bin/fewstep course --profile cpu --inplace --out runs/notebooks
+
+# The notebooks stay the instructor edition; this writes copies whose "### BEGIN SOLUTION" blocks are stubs.
+student: install
+	$(VENV)/bin/fewstep course --student runs/student
+
+# nbconvert (the slides exporter) comes with the dev extra; the decks load reveal.js from a CDN.
+slides: install-dev
+	$(VENV)/bin/fewstep course --slides runs/slides
 
 lab: install-lab
 	$(VENV)/bin/jupyter lab

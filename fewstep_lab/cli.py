@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/course")
     p.add_argument("--only", nargs="*", default=None, help="notebook numbers or name parts, e.g. 01 03")
     p.add_argument("--inplace", action="store_true", help="overwrite the notebooks with their executed versions")
+    p.add_argument("--student", metavar="OUT", default=None,
+                   help="instead of executing: write the student edition (solutions replaced by stubs) to folder OUT")
+    p.add_argument("--slides", metavar="OUT", default=None,
+                   help="instead of executing: write a reveal.js deck per notebook to folder OUT (needs nbconvert)")
 
     p = sub.add_parser("bench", help="the seed paper's table on toy 2-D data: quality vs NFE for every method")
     p.add_argument("--profile", default=None, help=_PROFILE_HELP)

@@ -141,9 +141,29 @@ def cmd_eval(a) -> None:
 
 
 def cmd_course(a) -> None:
-    from .course import run_course
+    student, slides = getattr(a, "student", None), getattr(a, "slides", None)
+    if student is None and slides is None:
+        from .course import run_course
 
-    run_course(profile=a.profile, out_dir=a.out, only=a.only, inplace=a.inplace)
+        run_course(profile=a.profile, out_dir=a.out, only=a.only, inplace=a.inplace)
+        return
+    if a.inplace:
+        raise ValueError("--inplace executes the notebooks; it does not go with --student or --slides")
+    if student is not None:
+        from .student import build_student_edition
+
+        counts = build_student_edition(student, only=a.only)
+        width = max(len(name) for name in counts) + 2
+        print(f"student edition in {student}")
+        print(f"{'notebook':<{width}}{'exercises':>10}")
+        for name, count in counts.items():
+            print(f"{name:<{width}}{count:>10}")
+        print(f"{'total':<{width}}{sum(counts.values()):>10}")
+    if slides is not None:
+        from .slides import build_slides
+
+        for name, deck in build_slides(slides, only=a.only).items():
+            print(f"{name} -> {deck}")
 
 
 def cmd_bench(a) -> None:
