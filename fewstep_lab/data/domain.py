@@ -66,8 +66,11 @@ class Domain:
             params = getattr(D, "parameters", None)
             device = next(params()).device if callable(params) else torch.device("cpu")
         g, out, batch_size = torch.Generator().manual_seed(seed), [], batch_size or n
+        cond = sampler_kwargs.pop("cond", None)
         for i in range(0, n, batch_size):
             x = (grid[0] * self.noise(min(batch_size, n - i), g)).to(torch.float32).to(device)
+            if cond is not None:  # batch-first conditions (labels, or a tuple such as (labels, w)) are sliced
+                sampler_kwargs["cond"] = _slice_cond(cond, i, i + len(x), n, device)
             x = fn(D, x, grid, generator=g, **sampler_kwargs)
             out.append(self.postprocess((x[0] if isinstance(x, tuple) else x).float()).cpu())
         return torch.cat(out)
@@ -75,8 +78,21 @@ class Domain:
     def same_data(self, other) -> bool:
         return other == self.recipe
 
+    num_classes = None  # labelled data: the number of classes (the nets' label slot num_classes = none)
+
     def __repr__(self) -> str:
         return f"<{self.name} domain: {self.recipe}>"
+
+
+def _slice_cond(cond, i: int, j: int, n: int, device):
+    """Rows i:j of a batch-first condition: a (n, ...) tensor, or a tuple of them (scalars and None kept)."""
+    if isinstance(cond, (tuple, list)):
+        return tuple(_slice_cond(c, i, j, n, device) for c in cond)
+    if isinstance(cond, torch.Tensor) and cond.ndim > 0:
+        if cond.shape[0] != n:
+            raise ValueError(f"cond must hold one entry per sample ({n}), got shape {tuple(cond.shape)}")
+        return cond[i:j].to(device)
+    return cond
 
 
 def register_domain(cls: type) -> type:
