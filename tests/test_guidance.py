@@ -123,6 +123,8 @@ def test_edm_cfg_trains_and_samples_guided_through_the_pipeline(tmp_path):
     assert x.shape == (40, 2) and torch.isfinite(x).all()
     guided = sample(CFGDenoiser(model, 3.0, 4), run, 40, steps=4, cond=labels, batch_size=16)
     assert guided.shape == (40, 2) and torch.isfinite(guided).all()
+    with pytest.raises(ValueError, match="one entry per sample"):
+        sample(model, run, 40, steps=4, cond=labels[:30])
     with pytest.raises(ValueError, match="labels"):
         make_run_unlabelled = make_run("edm-cfg", "8gaussians", "smoke", steps=2)
         train_run(make_run_unlabelled, progress=False)

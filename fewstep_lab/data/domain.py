@@ -11,7 +11,9 @@ instance wraps one data recipe and says:
 - ``exact_denoiser``: the closed-form denoiser when the data has one (else None);
 - ``evaluate(D, sampler, sigmas, n=, seeds=, **sampler_kwargs)`` and ``floor(n, seeds)``: the
   domain's metric (sliced W2 for 2-D, FD for images) and its data-vs-data floor;
-- ``same_data(other_recipe)``: whether a teacher trained on ``other_recipe`` saw the same data.
+- ``same_data(other_recipe)``: whether a teacher trained on ``other_recipe`` saw the same data;
+- ``num_classes``: the class count of labelled data (else None); ``generate(..., cond=...)``
+  slices a batch-first condition (labels, or a tuple such as LCM's (labels, w)) per batch.
 
 Nothing here knows which method made a model. Class attributes ``profiles`` (data recipe per
 profile) and ``train_defaults`` (training numbers every method shares on this domain, per
@@ -43,6 +45,7 @@ class Domain:
         return torch.randn(n, *self.shape, generator=generator)
 
     exact_denoiser = None
+    num_classes = None  # labelled data: the number of classes (the nets' label slot num_classes = none)
     bf16 = False  # train under bf16 autocast
     memory_format = torch.contiguous_format
     default_n = 50_000  # samples per evaluation
@@ -77,8 +80,6 @@ class Domain:
 
     def same_data(self, other) -> bool:
         return other == self.recipe
-
-    num_classes = None  # labelled data: the number of classes (the nets' label slot num_classes = none)
 
     def __repr__(self) -> str:
         return f"<{self.name} domain: {self.recipe}>"
