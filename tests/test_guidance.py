@@ -78,7 +78,8 @@ def test_w_zero_is_conditional_and_w_minus_one_unconditional_and_w_per_sample():
     for i in (0, 20, 63):
         one = CFGDenoiser(MIX, float(w[i]), 4)(x[i:i + 1], sigma[i:i + 1], labels[i:i + 1])
         assert torch.allclose(per[i:i + 1], one, atol=1e-12)
-    assert torch.allclose(CFGDenoiser(MIX, 3.0, 4)(x, sigma), MIX(x, sigma), atol=1e-12)  # cond None: unconditional
+    # cond None: the unconditional denoiser
+    assert torch.allclose(CFGDenoiser(MIX, 3.0, 4)(x, sigma), MIX(x, sigma), atol=1e-12)
 
 
 def test_guidance_in_epsilon_space_is_the_same():
@@ -125,6 +126,6 @@ def test_edm_cfg_trains_and_samples_guided_through_the_pipeline(tmp_path):
     assert guided.shape == (40, 2) and torch.isfinite(guided).all()
     with pytest.raises(ValueError, match="one entry per sample"):
         sample(model, run, 40, steps=4, cond=labels[:30])
-    with pytest.raises(ValueError, match="labels"):
-        make_run_unlabelled = make_run("edm-cfg", "8gaussians", "smoke", steps=2)
-        train_run(make_run_unlabelled, progress=False)
+    unlabelled = make_run("edm-cfg", "8gaussians", "smoke", steps=2)
+    with pytest.raises(ValueError, match="trains on class labels"):
+        train_run(unlabelled, progress=False)
