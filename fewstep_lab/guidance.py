@@ -1,6 +1,6 @@
 """Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper, in LCM's convention.
 
-Latent consistency models (Luo et al. 2023, eq. 9-10) write the guided noise prediction as
+Latent consistency models (Luo et al. 2023, sec. 4.2) write the guided noise prediction as
 eps_w(x, c, t) = (1 + w) eps(x, c, t) - w eps(x, ∅, t). Since D = x - sigma eps in sigma-space
 (EDM table 1), the same combination of denoisers is
     D_w(x, sigma, c) = D(x, sigma, ∅) + (1 + w) (D(x, sigma, c) - D(x, sigma, ∅)),

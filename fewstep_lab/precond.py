@@ -85,7 +85,7 @@ def consistency_scalings(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_min
 
 def lcm_scalings(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002,
                  timestep_scaling: float = 10.0):
-    """Luo et al. 2023 (LCM), eq. 3/appendix: f = c_skip x + c_out x0_hat, with LCM's boundary scalings.
+    """Luo et al. 2023 (LCM), sec. 4.1: f = c_skip x + c_out x0_hat, with LCM's boundary scalings.
 
     LCM computes c_skip(t) = sigma_data^2 / ((s t)^2 + sigma_data^2), c_out(t) = s t / sqrt((s t)^2 +
     sigma_data^2) (s = timestep_scaling = 10, sigma_data = 0.5; ``scalings_for_boundary_conditions``

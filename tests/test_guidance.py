@@ -83,7 +83,7 @@ def test_w_zero_is_conditional_and_w_minus_one_unconditional_and_w_per_sample():
 
 
 def test_guidance_in_epsilon_space_is_the_same():
-    """eps_w = (1 + w) eps(c) - w eps(∅) (LCM eq. 9; diffusers: guidance_scale = 1 + w) and D_w = x - sigma eps_w."""
+    """eps_w = (1 + w) eps(c) - w eps(∅) (LCM sec. 4.2; diffusers: guidance_scale = 1 + w) and D_w = x - sigma eps_w."""
     x, sigma, w, labels = _points(), 0.9, 3.0, torch.arange(64) % 4
     eps_c, eps_u = (x - MIX(x, sigma, labels)) / sigma, (x - MIX(x, sigma)) / sigma
     eps_w = (1 + w) * eps_c - w * eps_u

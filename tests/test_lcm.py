@@ -77,7 +77,7 @@ def test_lcm_scalings_boundary_condition_is_exact():
 
 
 def test_guided_euler_step_is_lcm_augmented_ode_step():
-    """LCM eq. 10 with a DDIM solver: x + (1 + w) Phi(c) - w Phi(∅) equals one Euler step of D_w."""
+    """LCM sec. 4.2 with a DDIM solver: x + (1 + w) Phi(c) - w Phi(∅) equals one Euler step of D_w."""
     x, labels, w = torch.randn(32, 2, dtype=DT), torch.arange(32) % 4, 3.0
     step = lambda D, c: euler_step(D, x, 1.3, 0.4, c)[0] - x  # noqa: E731
     lcm = x + (1 + w) * step(MIX, labels) - w * step(MIX, None)

@@ -6,7 +6,7 @@ with renormalised weights w_k / sum_{y_j = c} w_j, so its exact denoiser (Tweedi
 EDM eq. 2-3) is the unconditional one with the responsibilities r_k(x) masked to the class and
 renormalised: D(x, sigma, c) = sum_{y_k = c} r_k(x) m_k(x) / sum_{y_k = c} r_k(x). With these,
 classifier-free guidance (Ho & Salimans 2022; ``fewstep_lab.guidance``) and the guided PF-ODE of
-latent consistency models (Luo et al. 2023, eq. 9-10) are exact on 2-D data.
+latent consistency models (Luo et al. 2023, sec. 4.2) are exact on 2-D data.
 
 Labels follow the networks' convention: ``cond`` is a (B,) long tensor in 0..num_classes, and
 the value ``num_classes`` means "no label" (the unconditional denoiser); ``cond=None`` too.

@@ -1,6 +1,6 @@
 """Latent consistency distillation (LCD), Algorithm 1 of Luo et al. 2023 ("LCM"), as a per-sample loss.
 
-LCM distils the guided PF-ODE (LCM eq. 9-10: the teacher's noise prediction replaced by
+LCM distils the guided PF-ODE (LCM sec. 4.2: the teacher's noise prediction replaced by
 classifier-free guidance's (1 + w) eps(c) - w eps(∅)) into a consistency function f(x, w, c,
 sigma) that takes the guidance scale w as an input. Per sample: w ~ U[w_min, w_max]; a level
 n ~ U{1..N-k} of the teacher's N-level grid (here CM eq. 5's rho-ramp, ``cm_sigmas``);
