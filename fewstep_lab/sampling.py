@@ -7,7 +7,8 @@ midpoint rule is DPM-Solver-2 (Lu et al. 2022, Algorithm 1 with r1 = 1/2) and DP
 is Lu et al. 2023, Algorithm 2. Ancestral sampling takes DDPM's posterior step q(x_s | x_t, x0)
 (Ho et al. 2020, eq. 7) with x0 replaced by D; Euler–Maruyama discretises the reverse-time SDE
 (Song et al. 2021, eq. 6) of the VE process dx = sqrt(d sigma^2 / dt) dw. Consistency models are
-sampled with Song et al. 2023, Algorithm 1. Losses that need an ODE step (consistency
+sampled with Song et al. 2023, Algorithm 1, latent consistency models with LCM's multistep sampler
+(Luo et al. 2023, Algorithm 3: re-noise with the full forward process). Losses that need an ODE step (consistency
 distillation, LCM) call `euler_step`/`heun_step` from here; they never re-implement a solver.
 
 Every sampler has the signature ``sample_<name>(D, x, sigmas, *, cond=None, generator=None,
