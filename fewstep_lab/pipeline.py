@@ -61,7 +61,15 @@ def build_model(run: Run, domain=None) -> nn.Module:
     method, domain = get_method(run.method), domain or make_domain(run)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.recipe.seed)
-        net = domain.make_net(dropout=run.recipe.dropout, **method.net_options(run.recipe))
+        options = method.net_options(run.recipe)
+        if method.needs_labels:
+            # A method that trains on labels gets a class-conditional net (label num_classes = none).
+            if getattr(domain, "num_classes", None) is None:
+                raise ValueError(f"{run.method} trains on class labels; {run.data} "
+                                 f"({getattr(run.data_recipe, 'dataset', run.data)}) has none: use labelled data, "
+                                 "e.g. 8gaussians-4class")
+            options = {"num_classes": domain.num_classes, **options}
+        net = domain.make_net(dropout=run.recipe.dropout, **options)
         return method.build(run.recipe, net)
 
 
@@ -156,7 +164,7 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
 
     def train_once(model, loss_fn, ema_decays, *, recipe=None, tag=None):
         r = recipe or run.recipe
-        batch_fn = domain.batch_fn(rank_batch_size(r.batch_size, world), device)
+        batch_fn = domain.batch_fn(rank_batch_size(r.batch_size, world), device, labels=method.needs_labels)
         return train(model, loss_fn, batch_fn, steps=r.steps, lr=r.lr, warmup=r.warmup, lr_schedule=r.lr_schedule,
                      grad_clip=r.grad_clip, ema_decays=ema_decays, seed=r.seed, device=device, bf16=domain.bf16,
                      checkpoint_path=path if path is None or tag is None else tagged_path(path, tag),
@@ -202,10 +210,15 @@ def _sampling(run: Run, steps, sigmas, sampler):
 
 
 def sample(model, run: Run, n: int, *, steps: int | None = None, sigmas=None, sampler: str | None = None,
-           seed: int = 0, domain=None, batch_size: int | None = None) -> torch.Tensor:
-    """n samples of the run's model with its method's sampler and grid (or the ones given)."""
+           seed: int = 0, domain=None, batch_size: int | None = None, cond=None) -> torch.Tensor:
+    """n samples of the run's model with its method's sampler and grid (or the ones given).
+
+    cond: the condition for a conditional model, batch-first (n labels; for LCM, (labels, w)).
+    """
     name, grid, kwargs = _sampling(run, steps, sigmas, sampler)
     domain = domain or make_domain(run)
+    if cond is not None:
+        kwargs["cond"] = cond
     return domain.generate(model, name, grid, n, seed=seed, batch_size=batch_size, **kwargs)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "edm_scalings",
     "eps_scalings",
     "consistency_scalings",
+    "lcm_scalings",
     "get_scalings",
     "Precond",
     "DiscreteEpsDenoiser",
@@ -82,11 +83,33 @@ def consistency_scalings(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_min
     return c_skip, c_out, c_in, c_noise
 
 
-_SCALINGS = {"edm": edm_scalings, "eps": eps_scalings, "consistency": consistency_scalings}
+def lcm_scalings(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002,
+                 timestep_scaling: float = 10.0):
+    """Luo et al. 2023 (LCM), sec. 4.1: f = c_skip x + c_out x0_hat, with LCM's boundary scalings.
+
+    LCM computes c_skip(t) = sigma_data^2 / ((s t)^2 + sigma_data^2), c_out(t) = s t / sqrt((s t)^2 +
+    sigma_data^2) (s = timestep_scaling = 10, sigma_data = 0.5; ``scalings_for_boundary_conditions``
+    in their code) on top of the teacher's x0 prediction. Here t = sigma - sigma_min (the CM shift:
+    LCM's t is a DDPM timestep, zero at the boundary), and x0_hat is EDM's preconditioned
+    prediction e_skip x + e_out F, so that a student copied from an EDM teacher predicts what the
+    teacher predicts: c_skip = b_skip + b_out e_skip, c_out = b_out e_out. At sigma_min, b_skip = 1
+    and b_out = 0 exactly, so f(x, sigma_min) = x for any network. Unlike CM's, LCM's pair does not
+    sum to one (b_out lacks CM's factor sigma_data): between sigma_min and about 0.3, c_skip exceeds 1
+    (1.21 at sigma = 0.05); LCM never meets this zone (its t is an integer timestep, and b_skip(1) =
+    0.0025), and by sigma = 0.5 f is EDM's x0 prediction to within 1.5 % (tests/test_lcm.py).
+    """
+    t = timestep_scaling * (sigma - sigma_min)
+    b_skip = 1 / (1 + (t / sigma_data) ** 2)  # exactly 1 at t = 0 (see consistency_scalings)
+    b_out = t / (t**2 + sigma_data**2).sqrt()
+    e_skip, e_out, c_in, c_noise = edm_scalings(sigma, sigma_data)
+    return b_skip + b_out * e_skip, b_out * e_out, c_in, c_noise
+
+
+_SCALINGS = {"edm": edm_scalings, "eps": eps_scalings, "consistency": consistency_scalings, "lcm": lcm_scalings}
 
 
 def get_scalings(name: str, **kwargs) -> Callable:
-    """A scalings function by name ('edm', 'eps', 'consistency'), with its constants bound."""
+    """A scalings function by name ('edm', 'eps', 'consistency', 'lcm'), with its constants bound."""
     if name not in _SCALINGS:
         raise ValueError(f"unknown scalings {name!r}; choose one of {sorted(_SCALINGS)}")
     return functools.partial(_SCALINGS[name], **kwargs) if kwargs else _SCALINGS[name]

@@ -7,7 +7,8 @@ midpoint rule is DPM-Solver-2 (Lu et al. 2022, Algorithm 1 with r1 = 1/2) and DP
 is Lu et al. 2023, Algorithm 2. Ancestral sampling takes DDPM's posterior step q(x_s | x_t, x0)
 (Ho et al. 2020, eq. 7) with x0 replaced by D; Euler–Maruyama discretises the reverse-time SDE
 (Song et al. 2021, eq. 6) of the VE process dx = sqrt(d sigma^2 / dt) dw. Consistency models are
-sampled with Song et al. 2023, Algorithm 1. Losses that need an ODE step (consistency
+sampled with Song et al. 2023, Algorithm 1, latent consistency models with LCM's multistep sampler
+(Luo et al. 2023, Algorithm 3: re-noise with the full forward process). Losses that need an ODE step (consistency
 distillation, LCM) call `euler_step`/`heun_step` from here; they never re-implement a solver.
 
 Every sampler has the signature ``sample_<name>(D, x, sigmas, *, cond=None, generator=None,
@@ -39,6 +40,7 @@ __all__ = [
     "sample_euler_maruyama",
     "sample_ode_adaptive",
     "sample_consistency",
+    "sample_lcm",
     "SAMPLERS",
     "get_sampler",
     "randn_like",
@@ -267,6 +269,24 @@ def sample_consistency(
     return x
 
 
+@torch.no_grad()
+def sample_lcm(f, x, sigmas, *, cond=None, generator=None, callback=None):
+    """LCM's multistep sampler (Luo et al. 2023, Algorithm 3; diffusers' LCMScheduler.step).
+
+    At each level: x0 = f(x, sigma_i); unless sigma_{i+1} = 0, re-noise with the forward process,
+    x = x0 + sigma_{i+1} z (= sqrt(abar) x0 + sqrt(1 - abar) z in VP coordinates). Unlike CM's
+    Algorithm 1 (sample_consistency) the noise is the full sigma_{i+1}, not sqrt(sigma^2 - sigma_min^2).
+    """
+    sigmas = _prepare(x, sigmas)
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        denoised = _denoise(f, x, s, cond)
+        x = denoised + s_next * randn_like(x, generator) if s_next > 0 else denoised
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "denoised": denoised})
+    return x
+
+
 SAMPLERS = {
     "euler": sample_euler,
     "ddim": sample_euler,
@@ -277,6 +297,7 @@ SAMPLERS = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler_maruyama": sample_euler_maruyama,
     "consistency": sample_consistency,
+    "lcm": sample_lcm,
 }
 
 

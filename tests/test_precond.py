@@ -127,7 +127,7 @@ def test_get_scalings():
     assert get_scalings("edm") is edm_scalings
     s = torch.tensor([1.0], dtype=DT)
     torch.testing.assert_close(get_scalings("edm", sigma_data=1.0)(s)[0], torch.tensor([0.5], dtype=DT))
-    with pytest.raises(ValueError, match=r"unknown scalings 'v'; choose one of \['consistency', 'edm', 'eps'\]"):
+    with pytest.raises(ValueError, match=r"unknown scalings 'v'; choose one of \['consistency', 'edm', 'eps', 'lcm'\]"):
         get_scalings("v")
 
 

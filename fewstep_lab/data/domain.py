@@ -11,7 +11,9 @@ instance wraps one data recipe and says:
 - ``exact_denoiser``: the closed-form denoiser when the data has one (else None);
 - ``evaluate(D, sampler, sigmas, n=, seeds=, **sampler_kwargs)`` and ``floor(n, seeds)``: the
   domain's metric (sliced W2 for 2-D, FD for images) and its data-vs-data floor;
-- ``same_data(other_recipe)``: whether a teacher trained on ``other_recipe`` saw the same data.
+- ``same_data(other_recipe)``: whether a teacher trained on ``other_recipe`` saw the same data;
+- ``num_classes``: the class count of labelled data (else None); ``generate(..., cond=...)``
+  slices a batch-first condition (labels, or a tuple such as LCM's (labels, w)) per batch.
 
 Nothing here knows which method made a model. Class attributes ``profiles`` (data recipe per
 profile) and ``train_defaults`` (training numbers every method shares on this domain, per
@@ -43,6 +45,7 @@ class Domain:
         return torch.randn(n, *self.shape, generator=generator)
 
     exact_denoiser = None
+    num_classes = None  # labelled data: the number of classes (the nets' label slot num_classes = none)
     bf16 = False  # train under bf16 autocast
     memory_format = torch.contiguous_format
     default_n = 50_000  # samples per evaluation
@@ -66,8 +69,11 @@ class Domain:
             params = getattr(D, "parameters", None)
             device = next(params()).device if callable(params) else torch.device("cpu")
         g, out, batch_size = torch.Generator().manual_seed(seed), [], batch_size or n
+        cond = sampler_kwargs.pop("cond", None)
         for i in range(0, n, batch_size):
             x = (grid[0] * self.noise(min(batch_size, n - i), g)).to(torch.float32).to(device)
+            if cond is not None:  # batch-first conditions (labels, or a tuple such as (labels, w)) are sliced
+                sampler_kwargs["cond"] = _slice_cond(cond, i, i + len(x), n, device)
             x = fn(D, x, grid, generator=g, **sampler_kwargs)
             out.append(self.postprocess((x[0] if isinstance(x, tuple) else x).float()).cpu())
         return torch.cat(out)
@@ -77,6 +83,17 @@ class Domain:
 
     def __repr__(self) -> str:
         return f"<{self.name} domain: {self.recipe}>"
+
+
+def _slice_cond(cond, i: int, j: int, n: int, device):
+    """Rows i:j of a batch-first condition: a (n, ...) tensor, or a tuple of them (scalars and None kept)."""
+    if isinstance(cond, (tuple, list)):
+        return tuple(_slice_cond(c, i, j, n, device) for c in cond)
+    if isinstance(cond, torch.Tensor) and cond.ndim > 0:
+        if cond.shape[0] != n:
+            raise ValueError(f"cond must hold one entry per sample ({n}), got shape {tuple(cond.shape)}")
+        return cond[i:j].to(device)
+    return cond
 
 
 def register_domain(cls: type) -> type:

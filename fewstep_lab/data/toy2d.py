@@ -314,6 +314,13 @@ def _pinwheel(n, g, arms: int = 5, radial_std=0.3, tangential_std=0.1, rate=0.25
     return torch.einsum("nij,nj->ni", rot, feats) * 0.65
 
 
+def _eight_gaussians_4class():
+    # Imported here: data/labelled.py builds on this module's GaussianMixture.
+    from .labelled import eight_gaussians_4class
+
+    return eight_gaussians_4class()
+
+
 DATASETS = {
     "8gaussians": eight_gaussians,
     "grid25": grid25,
@@ -323,6 +330,8 @@ DATASETS = {
     "swissroll": lambda: SampleOnly("swissroll", _swiss_roll),
     "checkerboard": checkerboard,
     "pinwheel": lambda: SampleOnly("pinwheel", _pinwheel),
+    # Labelled mixtures (data/labelled.py): exact class-conditional denoisers, for guidance.
+    "8gaussians-4class": _eight_gaussians_4class,
 }
 
 

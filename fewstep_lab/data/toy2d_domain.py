@@ -113,19 +113,30 @@ class Toy2D(Domain):
     def exact_denoiser(self):
         return getattr(self.data, "denoiser", None)
 
+    @property
+    def num_classes(self):
+        """Labelled mixtures (data/labelled.py): their class count; other sets: None."""
+        return getattr(self.data, "num_classes", None)
+
     def batch_fn(self, batch_size: int, device="cpu", *, labels: bool = False):
-        """fn(generator) -> a fresh batch (toy data are infinite); with labels, the mixture component too."""
+        """fn(generator) -> a fresh batch (toy data are infinite); with labels, (x0, labels): the CLASS labels
+        of a labelled mixture, else the mixture component."""
         if labels and not hasattr(self.data, "assign"):
             raise ValueError(f"{self.recipe.dataset!r} has no components to use as labels")
+        if labels and self.num_classes is not None:
+            return lambda g: tuple(t.to(device) for t in self.data.sample_with_classes(batch_size, g))
         if labels:
             return lambda g: tuple(t.to(device) for t in self.data.sample(batch_size, g, return_labels=True))
         return lambda g: self.data.sample(batch_size, g).to(device)
 
-    def make_net(self, *, noise_scale: float = 1.0, dropout: float | None = None):
+    def make_net(self, *, noise_scale: float = 1.0, dropout: float | None = None, num_classes: int | None = None,
+                 guidance_embed: bool = False):
+        """The MLP; num_classes: class-conditional (label num_classes = no label); guidance_embed: takes w too."""
         if dropout:
             raise ValueError("the toy MLP has no dropout; leave dropout unset for toy2d")
         r = self.recipe
-        return MLP(hidden=r.hidden, depth=r.depth, emb_dim=r.emb_dim, max_freq=r.max_freq, noise_scale=noise_scale)
+        return MLP(hidden=r.hidden, depth=r.depth, emb_dim=r.emb_dim, max_freq=r.max_freq, noise_scale=noise_scale,
+                   num_classes=num_classes, guidance_embed=guidance_embed)
 
     def evaluate(self, D, sampler: str, sigmas, *, n: int = 50_000, seeds=(0, 1, 2), progress: bool = False,
                  **sampler_kwargs) -> EvalResult:

@@ -3,6 +3,8 @@
     diffusion.py    edm (EDM teacher), ddpm (DDPM epsilon-prediction)
     consistency.py  cd, ct, ict (consistency distillation / training / improved training)
     progressive.py  pd (progressive distillation)
+    guided.py       edm-cfg (class-conditional EDM teacher with label dropout, for guidance)
+    lcm.py          lcm (latent consistency distillation of a guided teacher)
 
 A new method is one new module that subclasses ``Method`` and calls ``register``; code outside
 the package can register its own (see the README's "How to add a method").
@@ -39,4 +41,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import consistency, diffusion, progressive  # noqa: E402,F401  (each registers its methods)
+from . import consistency, diffusion, guided, lcm, progressive  # noqa: E402,F401  (each registers its methods)

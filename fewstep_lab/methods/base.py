@@ -12,6 +12,8 @@ says, and nothing else in the package does:
 - ``ema_decays(recipe)``: the EMA copies the train loop keeps ("ema" is the one sampled);
 - ``teacher``: ``"none"`` or ``"denoiser"`` (distillation), and ``is_teacher``: whether its
   models may serve as a teacher;
+- ``needs_labels``: whether it trains on class labels (its loss then receives ``(x0, labels)``
+  and its network is built with the domain's ``num_classes``);
 - ``sampler(recipe)``, ``sigmas(recipe, steps)``, ``sampler_kwargs(recipe)``,
   ``default_steps(recipe)`` and ``nfe(recipe, sigmas)``: its default sampling and its cost;
 - ``fit(...)``: how training is organised (one call of the train loop by default; rounds for PD).
@@ -71,6 +73,7 @@ class Method:
     profiles: dict = {}  # {domain name: {profile: {field: value}}}
     teacher: str = "none"  # "none" | "denoiser"
     is_teacher: bool = False
+    needs_labels: bool = False  # True: batches are (x0, labels) and the net is class-conditional
 
     # ---------------------------------------------------------------- recipe
     def table(self, domain: str, profile: str) -> dict:

@@ -5,7 +5,12 @@ of ``noise_scale * c_noise`` with frequencies capped at ``max_freq``: on 2-D dat
 frequencies slow learning badly (see nets/embeddings.py). Optional class conditioning adds a
 learned label embedding; label ``num_classes`` is the "no label" token (pass it
 explicitly; a missing label is an error) used by
-classifier-free guidance (Ho & Salimans 2022).
+classifier-free guidance (Ho & Salimans 2022). With ``guidance_embed=True`` the net also takes
+the guidance scale w, as latent consistency models do (Luo et al. 2023, sec. 4.2: a sinusoidal
+embedding of w added to the noise embedding); ``cond`` is then the pair ``(labels, w)``, w a float
+or a (B,) tensor. The w branch's last layer starts at zero, so such a net starts as the same net
+without it (a student copied from its teacher predicts what the teacher predicts); it is off by
+default, and a net without it has the same parameters (state-dict keys) as before it existed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class MLP(nn.Module):
         max_period: float = 100.0,
         noise_scale: float = 1.0,
         num_classes: int | None = None,
+        guidance_embed: bool = False,
+        w_scale: float = 0.25,
     ):
         super().__init__()
         if depth < 1 or hidden < 1 or dim < 1:
@@ -39,6 +46,13 @@ class MLP(nn.Module):
         self.embed = SinusoidalEmbedding(emb_dim, max_period=max_period, max_freq=max_freq)
         self.emb_mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.label = nn.Embedding(num_classes + 1, hidden) if num_classes else None
+        self.guidance_embed, self.w_scale = bool(guidance_embed), float(w_scale)
+        if guidance_embed:
+            # w in LCM's usual range [0, 15] times w_scale stays within the embedding's frequencies.
+            self.w_embed = SinusoidalEmbedding(emb_dim, max_period=max_period, max_freq=max_freq)
+            self.w_mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            nn.init.zeros_(self.w_mlp[-1].weight)
+            nn.init.zeros_(self.w_mlp[-1].bias)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -53,6 +67,14 @@ class MLP(nn.Module):
         if c_noise.ndim == 0:
             c_noise = c_noise.expand(x_in.shape[0])
         emb = self.emb_mlp(self.embed(c_noise * self.noise_scale))
+        if self.guidance_embed:
+            if not (isinstance(cond, (tuple, list)) and len(cond) == 2):
+                raise ValueError("this MLP takes the guidance scale: pass cond=(labels, w) (labels None for an "
+                                 "unconditional net; w a float or a (B,) tensor)")
+            cond, w = cond
+            w = torch.as_tensor(w, dtype=torch.float32, device=x_in.device)
+            w = w.expand(x_in.shape[0]) if w.ndim == 0 else w
+            emb = emb + self.w_mlp(self.w_embed(w * self.w_scale))
         if self.label is not None:
             if cond is None:
                 raise ValueError(

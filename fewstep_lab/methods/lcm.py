@@ -1,0 +1,126 @@
+"""Latent consistency models (Luo et al. 2023, "LCM"): LCD of a guided teacher into a w-conditioned student.
+
+The student f(x, sigma, (c, w)) = Precond(F, LCM scalings) (``precond.lcm_scalings``: LCM's
+boundary condition, sigma_data = 0.5, timestep scaling 10, on top of EDM's x0 parametrisation)
+takes the guidance scale w through a sinusoidal embedding added to the noise embedding (LCM sec.
+4.2; ``nets.mlp`` ``guidance_embed``). Training is LCM Algorithm 1 (``losses.lcm.lcd_loss``: w ~
+U[w_min, w_max], skipping step k, one step of the guided teacher's ODE with the samplers' own
+step function, EMA target mu = 0.95); sampling is LCM's multistep sampler (``sampling.sample_lcm``)
+with cond = (labels, w). The teacher must be class-conditional: an "edm-cfg" checkpoint, or the
+exact denoiser of a labelled mixture (``--teacher exact`` on e.g. 8gaussians-4class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from ..guidance import null_label_of
+from ..losses.consistency import get_distance
+from ..losses.lcm import lcd_loss
+from ..precond import Precond, get_scalings
+from ..recipes import NoiseRecipe, _finite, ema_schedule
+from . import register
+from .base import Method
+from .consistency import consistency_sigmas
+
+__all__ = ["LCMRecipe", "LCM", "copy_teacher_into_student"]
+
+
+@dataclass(frozen=True)
+class LCMRecipe(NoiseRecipe):
+    """LCD's choices. Defaults: LCM's (diffusers' train_lcm_distill_sd_wds.py: guidance scales 5-15 in
+    diffusers' convention, i.e. w in [4, 14] here; 50 DDIM levels from a 1000-step grid, i.e. N = 1000,
+    k = 20; DDIM = Euler; target EMA 0.95; timestep scaling 10; l2). Toy values: see LCM.profiles
+    (not tuned yet)."""
+
+    N: int = 1000
+    k: int = 20
+    solver: str = "euler"
+    w_min: float = 4.0
+    w_max: float = 14.0
+    target_decay: float = 0.95
+    timestep_scaling: float = 10.0
+    distance: str = "l2"
+    huber_c: float | None = None  # pseudo-Huber constant (None: iCT's 0.00054 sqrt(dim))
+    init_from_teacher: bool = True
+    multistep_sigma_min: float = 0.25  # lowest level of the default multistep grid (as CM's toy recipes)
+
+    def choices(self) -> dict:
+        return {**super().choices(), "solver": ("euler", "heun"), "distance": ("l2", "pseudo_huber")}
+
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.N, int) or self.N < 2:
+            raise ValueError(f"N must be an integer >= 2, got {self.N!r}")
+        if not isinstance(self.k, int) or not 1 <= self.k < self.N:
+            raise ValueError(f"the skipping step k must be an integer in [1, N), got {self.k!r}")
+        for name in ("w_min", "w_max", "target_decay", "timestep_scaling", "multistep_sigma_min"):
+            _finite(name, getattr(self, name))
+        if not self.w_min <= self.w_max:
+            raise ValueError(f"need w_min <= w_max, got {self.w_min} and {self.w_max}")
+        if not 0 <= self.target_decay <= 1:
+            raise ValueError(f"target_decay must lie in [0, 1], got {self.target_decay}")
+        if self.huber_c is not None and self.distance != "pseudo_huber":
+            raise ValueError("huber_c is the pseudo-Huber constant: set distance='pseudo_huber' or huber_c=None")
+        if not self.sigma_min <= self.multistep_sigma_min < self.sigma_max:
+            raise ValueError("multistep_sigma_min must lie in [sigma_min, sigma_max)")
+
+
+def copy_teacher_into_student(model: nn.Module, teacher) -> None:
+    """Start the student from the teacher's weights; only the student's w branch (w_*) is its own."""
+    net = getattr(teacher, "net", None)
+    theirs, ours = (net.state_dict() if isinstance(net, nn.Module) else {}), model.net.state_dict()
+    own = {k for k in ours if k.startswith("w_")}
+    if set(theirs) != set(ours) - own or any(theirs[k].shape != ours[k].shape for k in theirs):
+        raise ValueError("init_from_teacher=True needs a conditional teacher Precond(net) of the student's size "
+                         "(an edm-cfg model trained on the same data and profile); else set init_from_teacher=False")
+    model.net.load_state_dict(theirs, strict=False)
+
+
+class LCM(Method):
+    name, title, recipe_cls, teacher = "lcm", "LCM", LCMRecipe, "denoiser"
+    needs_labels = True
+    _TOY = dict(N=100, k=5, w_min=0.0, w_max=7.0, multistep_sigma_min=0.25)
+    profiles = {"toy2d": {"smoke": dict(_TOY, steps=60), "cpu": dict(_TOY, steps=1500, ema_decay=0.99),
+                          "gpu": dict(_TOY, steps=6000, ema_decay=0.995)}}
+
+    def net_options(self, recipe):
+        return {"guidance_embed": True}
+
+    def build(self, recipe, net):
+        return Precond(net, get_scalings("lcm", sigma_data=recipe.sigma_data, sigma_min=recipe.sigma_min,
+                                         timestep_scaling=recipe.timestep_scaling))
+
+    def prepare(self, recipe, teacher):
+        null_label_of(teacher)  # the teacher must be class-conditional: a clear error now, not at step 1
+        return recipe if isinstance(teacher, nn.Module) else replace(recipe, init_from_teacher=False)
+
+    def init_from_teacher(self, recipe, model, teacher):
+        if recipe.init_from_teacher:
+            copy_teacher_into_student(model, teacher)
+
+    def loss(self, recipe, teacher):
+        null = null_label_of(teacher)
+        d = get_distance("pseudo_huber", c=recipe.huber_c) if recipe.distance == "pseudo_huber" else recipe.distance
+
+        def loss_fn(f, batch, ctx):
+            x0, labels = batch
+            return lcd_loss(f, ctx.emas["target"], teacher, x0, labels, N=recipe.N, k=recipe.k, w_min=recipe.w_min,
+                            w_max=recipe.w_max, null_label=null, solver=recipe.solver, distance=d,
+                            generator=ctx.generator, sigma_min=recipe.sigma_min, sigma_max=recipe.sigma_max,
+                            rho=recipe.rho)
+        return loss_fn
+
+    def ema_decays(self, recipe):
+        return {"target": recipe.target_decay, "ema": ema_schedule(recipe)}
+
+    def sampler(self, recipe):
+        return "lcm"
+
+    def sigmas(self, recipe, steps=None):
+        return consistency_sigmas(recipe, steps or 1)
+
+
+register(LCM())
