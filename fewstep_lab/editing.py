@@ -19,9 +19,10 @@ satisfies the constraint exactly (up to float rounding). Choices of ``A``:
 - super-resolution: per ``factor x factor`` block an orthogonal basis whose first vector is
   uniform, ``1 / factor``; the first component (the block average times ``factor``) is known.
 
-Two more edits from the paper need no projection: stroke-guided generation (SDEdit, Meng
-et al. 2022, started from a stroke painting at a moderate noise level) and interpolation
-(slerp between two Gaussian noises, then one step of ``f`` at ``sigma_max``).
+Three more edits from the paper need no projection: denoising (Algorithm 4 with nothing known,
+started from the noisy image itself at its own noise level: ``denoise``), stroke-guided
+generation (SDEdit, Meng et al. 2022, started from a stroke painting at a moderate noise level)
+and interpolation (slerp between two Gaussian noises, then one step of ``f`` at ``sigma_max``).
 Images are ``(B, C, H, W)`` in ``[-1, 1]``; results are not clamped (clamping would break
 the constraint). The sampling loop is ``fewstep_lab.sampling.sample_consistency``.
 
@@ -33,6 +34,7 @@ How to use::
     x = inpaint(f, y, mask, sigmas, generator=g)               # x * mask == y * mask
     x = colorize(f, to_grayscale(y), sigmas, generator=g)      # to_grayscale(x) == to_grayscale(y)
     x = super_resolve(f, downsample(y, 4), 4, sigmas, generator=g)  # downsample(x, 4) == y_low
+    x = denoise(f, y + 0.5 * torch.randn_like(y), 0.5)          # f(y + 0.5 z, 0.5)
 """
 
 from __future__ import annotations
@@ -210,6 +212,20 @@ def super_resolve(f, y_low: Tensor, factor: int, sigmas, *, cond=None, generator
     omega[0] = 1.0
     return sample_with_constraint(f, LinearConstraint(A, A_T, known, omega), sigmas,
                                   cond=cond, generator=generator, sigma_min=sigma_min)
+
+
+# --------------------------------------------------------------------------- denoising
+def denoise(f, x_noisy: Tensor, sigma: float, later_sigmas: Sequence[float] = (), *, cond=None, generator=None,
+            sigma_min: float = 0.002) -> Tensor:
+    """Zero-shot denoising (Song et al. 2023, sec. 6): Algorithm 4 with nothing known (Omega = 0),
+    started from the noisy image itself, x_noisy = y + sigma z, at its own level sigma.
+
+    One step is f(x_noisy, sigma); `later_sigmas` (decreasing, below sigma) add multistep
+    re-noising as in Algorithm 1. No projection: the noisy image is no constraint.
+    """
+    levels = [float(sigma), *(float(s) for s in later_sigmas)]
+    sigmas = _check_sigmas(torch.tensor(levels + [0.0], dtype=torch.float64), sigma_min)
+    return sample_consistency(f, x_noisy, sigmas, cond=cond, generator=generator, sigma_min=sigma_min)
 
 
 # --------------------------------------------------------------------------- stroke guidance
