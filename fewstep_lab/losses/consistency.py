@@ -3,7 +3,7 @@ Song & Dhariwal 2023, "iCT"), as per-sample loss functions for any sample shape 
 
 Both train f(x, sigma) to give the same answer at two neighbouring noise levels of one
 probability-flow trajectory, on the discretisation sigma_1 = sigma_min < ... < sigma_N = sigma_max
-of CM eq. 5 (EDM's rho-schedule). Consistency distillation (CM Algorithm 2, eq. 7) draws
+of EDM eq. 5 (the rho-schedule CM adopts, sec. 4 and appendix C). Consistency distillation (CM Algorithm 2, eq. 7) draws
 x_{n+1} = x0 + sigma_{n+1} z, moves it to sigma_n with ONE step of a teacher's ODE solver and
 minimises lambda(sigma_n) d(f(x_{n+1}, sigma_{n+1}), f^-(x_hat_n, sigma_n)) with a stop-gradient
 target f^-. Consistency training (CM Algorithm 3, eq. 10) is the same code with the teacher
@@ -49,7 +49,7 @@ SOLVERS = {"euler": euler_step, "heun": heun_step}
 
 
 def cm_sigmas(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """CM eq. 5 (EDM's schedule), INCREASING: N float64 levels, sigma_1 = sigma_min, sigma_N = sigma_max."""
+    """EDM eq. 5 (as CM uses it), INCREASING: N float64 levels, sigma_1 = sigma_min, sigma_N = sigma_max."""
     if not isinstance(N, int) or isinstance(N, bool) or N < 2:
         raise ValueError(f"N must be an integer >= 2 (two levels make one consistency pair), got {N!r}")
     if not 0 < sigma_min < sigma_max:
