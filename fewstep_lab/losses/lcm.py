@@ -3,7 +3,7 @@
 LCM distils the guided PF-ODE (LCM sec. 4.2: the teacher's noise prediction replaced by
 classifier-free guidance's (1 + w) eps(c) - w eps(∅)) into a consistency function f(x, w, c,
 sigma) that takes the guidance scale w as an input. Per sample: w ~ U[w_min, w_max]; a level
-n ~ U{1..N-k} of the teacher's N-level grid (here CM eq. 5's rho-ramp, ``cm_sigmas``);
+n ~ U{1..N-k} of the teacher's N-level grid (here EDM eq. 5's rho-ramp as CM uses it, ``cm_sigmas``);
 x_{n+k} = x0 + sigma_{n+k} z; x_hat_n = ONE step of the ODE solver with the GUIDED teacher
 D_w = D(∅) + (1 + w)(D(c) - D(∅)) (``guidance.CFGDenoiser``) from sigma_{n+k} to sigma_n, that
 "skipping step" spanning k grid intervals (LCM sec. 4.3); loss d(f(x_{n+k}, sigma_{n+k}, (c, w)),

@@ -52,16 +52,21 @@ def tagged_path(path, tag: str):
     return path.with_name(f"{path.stem}.{tag}{path.suffix}")
 
 
-def copy_teacher_net(model: nn.Module, teacher) -> None:
-    """Start a student from its teacher's network weights (CM sec. 6; PD); same network size required."""
+def copy_teacher_net(model: nn.Module, teacher, *, own_prefixes: tuple[str, ...] = ()) -> None:
+    """Start a student from its teacher's network weights (CM sec. 6; PD; LCM); same network size required.
+
+    Parameters whose names start with one of `own_prefixes` exist only in the student (LCM's w branch,
+    ``w_``) and keep their own initial values.
+    """
     net = getattr(teacher, "net", None)
     theirs = net.state_dict() if isinstance(net, nn.Module) else {}
     ours = model.net.state_dict()
-    if set(theirs) != set(ours) or any(theirs[k].shape != v.shape for k, v in ours.items()):
+    shared = {k for k in ours if not k.startswith(own_prefixes)} if own_prefixes else set(ours)
+    if set(theirs) != shared or any(theirs[k].shape != ours[k].shape for k in shared):
         raise ValueError("init_from_teacher=True needs a teacher Precond(net) with the student's network size "
                          "(a teacher trained on the same data with the same profile); otherwise set "
                          "init_from_teacher=False (fewstep train ... --set init_from_teacher=false)")
-    model.net.load_state_dict(theirs)
+    model.net.load_state_dict(theirs, strict=not own_prefixes)
 
 
 class Method:

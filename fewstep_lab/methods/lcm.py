@@ -22,10 +22,10 @@ from ..losses.lcm import lcd_loss
 from ..precond import Precond, get_scalings
 from ..recipes import NoiseRecipe, _finite, ema_schedule
 from . import register
-from .base import Method
+from .base import Method, copy_teacher_net
 from .consistency import consistency_sigmas
 
-__all__ = ["LCMRecipe", "LCM", "copy_teacher_into_student"]
+__all__ = ["LCMRecipe", "LCM"]
 
 
 @dataclass(frozen=True)
@@ -68,17 +68,6 @@ class LCMRecipe(NoiseRecipe):
             raise ValueError("multistep_sigma_min must lie in [sigma_min, sigma_max)")
 
 
-def copy_teacher_into_student(model: nn.Module, teacher) -> None:
-    """Start the student from the teacher's weights; only the student's w branch (w_*) is its own."""
-    net = getattr(teacher, "net", None)
-    theirs, ours = (net.state_dict() if isinstance(net, nn.Module) else {}), model.net.state_dict()
-    own = {k for k in ours if k.startswith("w_")}
-    if set(theirs) != set(ours) - own or any(theirs[k].shape != ours[k].shape for k in theirs):
-        raise ValueError("init_from_teacher=True needs a conditional teacher Precond(net) of the student's size "
-                         "(an edm-cfg model trained on the same data and profile); else set init_from_teacher=False")
-    model.net.load_state_dict(theirs, strict=False)
-
-
 class LCM(Method):
     name, title, recipe_cls, teacher = "lcm", "LCM", LCMRecipe, "denoiser"
     needs_labels = True
@@ -99,7 +88,8 @@ class LCM(Method):
 
     def init_from_teacher(self, recipe, model, teacher):
         if recipe.init_from_teacher:
-            copy_teacher_into_student(model, teacher)
+            # Only the student's w branch (w_*) is its own (LCM starts the student from the teacher).
+            copy_teacher_net(model, teacher, own_prefixes=("w_",))
 
     def loss(self, recipe, teacher):
         null = null_label_of(teacher)
