@@ -5,6 +5,7 @@
     progressive.py  pd (progressive distillation)
     guided.py       edm-cfg (class-conditional EDM teacher with label dropout, for guidance)
     lcm.py          lcm (latent consistency distillation of a guided teacher)
+    lora.py         lcm-lora (LCD into a LoRA of the teacher), lora (style LoRA); combine, export_adapter
 
 A new method is one new module that subclasses ``Method`` and calls ``register``; code outside
 the package can register its own (see the README's "How to add a method").
@@ -41,4 +42,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import consistency, diffusion, guided, lcm, progressive  # noqa: E402,F401  (each registers its methods)
+from . import consistency, diffusion, guided, lcm, lora, progressive  # noqa: E402,F401  (each registers its methods)
