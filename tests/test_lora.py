@@ -208,3 +208,20 @@ def test_style_lora_refuses_another_domain_and_lcm_lora_needs_a_network_teacher(
 def _with_lora(net):
     inject_lora(net, 2)
     return net
+
+
+def test_style_lora_on_the_cifar10_unet_from_a_model_of_all_classes(tmp_path):
+    """Convolutions end to end: an unconditional EDM U-Net of all classes (the shipped sample), a LoRA on one class."""
+    base = make_run("edm", "cifar10", "smoke", steps=2)
+    train_run(base, checkpoint_path=tmp_path / "edm.pt", progress=False)
+    run = make_run("lora", "cifar10", "smoke", steps=3, classes=("cat",))
+    model, _ = train_run(run, teacher=tmp_path / "edm.pt", checkpoint_path=tmp_path / "cat.pt", progress=False)
+    assert model.fewstep_run.recipe.base_recipe != "" and model.fewstep_run.recipe.base == "edm"
+    convs = [m for m in lora_layers(model).values() if m.conv]
+    assert {tuple(m.weight.shape[2:]) for m in convs} >= {(3, 3), (1, 1)}
+    adapter = export_adapter(tmp_path / "cat.pt")
+    teacher, _ = load_run(tmp_path / "edm.pt")
+    n_model = sum(v.numel() for v in teacher.state_dict().values())
+    assert adapter.stat().st_size < 0.3 * 4 * n_model
+    both = combine(teacher, [(adapter, 1.0)])
+    assert torch.equal(sample(both, run, 2, steps=2), sample(model, run, 2, steps=2))
