@@ -225,3 +225,42 @@ def test_style_lora_on_the_cifar10_unet_from_a_model_of_all_classes(tmp_path):
     assert adapter.stat().st_size < 0.3 * 4 * n_model
     both = combine(teacher, [(adapter, 1.0)])
     assert torch.equal(sample(both, run, 2, steps=2), sample(model, run, 2, steps=2))
+
+
+def test_lcm_lora_of_a_discrete_time_eps_teacher(tmp_path):
+    """A class-conditional DDPM teacher (a stand-in for ddpm-cfg, registered here): the student wraps the
+    teacher's DiscreteEpsDenoiser, takes its noise scale, trains inside its sigma range, and f(x, sigma_min) = x."""
+    from fewstep_lab.losses.denoising import ddpm_loss
+    from fewstep_lab.methods import register, unregister
+    from fewstep_lab.methods.diffusion import DDPM
+    from fewstep_lab.methods.guided import drop_labels
+    from fewstep_lab.precond import DiscreteEpsDenoiser
+
+    class DDPMCFG(DDPM):
+        name, needs_labels = "ddpm-cfg-test", True
+
+        def loss(self, recipe, teacher):
+            def loss_fn(model, batch, ctx):
+                x0, labels = batch
+                labels = drop_labels(labels, 0.2, 4, ctx.generator)
+                return ddpm_loss(model.eps_model, x0, model.schedule.alphas_cumprod, generator=ctx.generator,
+                                 cond=labels)
+            return loss_fn
+
+    register(DDPMCFG())
+    try:
+        train_run(make_run("ddpm-cfg-test", DATA, "smoke", steps=3, num_timesteps=100), checkpoint_path=tmp_path / "t.pt",
+                  progress=False)
+        model, _ = train_run(make_run("lcm-lora", DATA, "smoke", steps=2), teacher=tmp_path / "t.pt",
+                             checkpoint_path=tmp_path / "s.pt", progress=False)
+        loaded, run = load_run(tmp_path / "s.pt")
+        teacher, _ = load_run(tmp_path / "t.pt")
+        assert isinstance(loaded.net, DiscreteEpsDenoiser) and run.recipe.base == "ddpm-cfg-test"
+        assert loaded.net.eps_model.noise_scale == 4.0 / 100
+        assert run.recipe.sigma_min == pytest.approx(teacher.sigma_min) and run.recipe.sigma_max == pytest.approx(
+            teacher.sigma_max)
+        x = torch.randn(8, 2)
+        assert torch.equal(loaded(x, run.recipe.sigma_min, torch.arange(8) % 4), x)
+        assert torch.isfinite(sample(loaded, run, 8, steps=4, cond=torch.arange(8) % 4)).all()
+    finally:
+        unregister("ddpm-cfg-test")
