@@ -5,8 +5,9 @@
 Trains (or reuses, in --out) an edm-cfg teacher, an lcm-lora student of it (at its one w) and a style
 LoRA of it on 8gaussians-4class-inner; then prints, per class c and on average over the 4 classes,
 the sliced W2 between n samples and the exact guided reference: Heun, 18 steps (35 NFE), driven by
-guidance.CFGDenoiser(exact denoiser, w), with a floor (the reference sampler against itself, other seeds). A class is two modes 1.4 apart, so
-W2 between two finite samples is dominated by the binomial spread of the mode weights (the floor).
+guidance.CFGDenoiser(exact denoiser, w), with a floor (the reference sampler against itself, other
+seeds). A class is two modes 1.4 apart, so W2 between two finite samples is dominated by the binomial
+spread of the mode weights (the floor).
 Rows: the exact guided teacher's own floor, the edm-cfg teacher guided at w (Heun 35), LCM-LoRA at 1/2/4
 steps, the boundary-wrapped teacher alone (lambda_acc = 0) at 4 steps, and teacher + acceleration +
 style (combine) at 4 steps against the inner mixture's guided reference. Also the adapter file size
@@ -59,9 +60,14 @@ def main():
     ap.add_argument("--out", default="runs/lora")
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--w-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="instead: train a student on w ~ U[LO, HI] and compare it with the exact guided teacher "
+                         "at LO, the middle and HI (what a student that cannot see w learns from a range)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     out, seeds = Path(a.out), range(a.seeds)
+    if a.w_range:
+        return w_range(a, out, seeds)
     t0 = time.time()
     teacher, t_run = load_or_train(make_run("edm-cfg", "8gaussians-4class", a.profile), out / "edm-cfg.pt",
                                    progress=False)
@@ -113,6 +119,26 @@ def main():
         both = combine(teacher, [(acc, 1.0), (sty, lam)])
         row(f"teacher + acc + {lam} style, 4 steps", per_class_w2(both, "lcm", default_sigmas(run, 4), inner_ref,
                                                                   a.n, seeds))
+
+
+def w_range(a, out, seeds):
+    lo, hi = a.w_range
+    load_or_train(make_run("edm-cfg", "8gaussians-4class", a.profile), out / "edm-cfg.pt", progress=False)
+    t0 = time.time()
+    path = out / f"lcm-lora-w{lo:g}-{hi:g}.pt"
+    load_or_train(make_run("lcm-lora", "8gaussians-4class", a.profile, w_min=lo, w_max=hi), path,
+                  teacher=out / "edm-cfg.pt", progress=False)
+    print(f"lcm-lora on w ~ U[{lo:g}, {hi:g}] ready ({time.time() - t0:.0f} s)", flush=True)
+    student, run = load_run(path)
+    r = run.recipe
+    heun = karras_sigmas(18, r.sigma_min, r.sigma_max, r.rho)
+    for w in (lo, (lo + hi) / 2, hi):
+        exact = CFGDenoiser(get_dataset("8gaussians-4class").denoiser, w, 4)
+        ref = {c: [class_samples(exact, "heun", heun, c, a.n, 5000 + s) for s in seeds] for c in range(4)}
+        print(f"against the exact guided teacher at w = {w:g} (Heun 35), n = {a.n}, {a.seeds} seeds")
+        for steps in (1, 2, 4):
+            row(f"  LCM-LoRA (w range), {steps} step(s)", per_class_w2(student, "lcm", default_sigmas(run, steps), ref,
+                                                                     a.n, seeds))
 
 
 if __name__ == "__main__":

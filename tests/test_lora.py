@@ -249,8 +249,8 @@ def test_lcm_lora_of_a_discrete_time_eps_teacher(tmp_path):
 
     register(DDPMCFG())
     try:
-        train_run(make_run("ddpm-cfg-test", DATA, "smoke", steps=3, num_timesteps=100), checkpoint_path=tmp_path / "t.pt",
-                  progress=False)
+        train_run(make_run("ddpm-cfg-test", DATA, "smoke", steps=3, num_timesteps=100),
+                  checkpoint_path=tmp_path / "t.pt", progress=False)
         model, _ = train_run(make_run("lcm-lora", DATA, "smoke", steps=2), teacher=tmp_path / "t.pt",
                              checkpoint_path=tmp_path / "s.pt", progress=False)
         loaded, run = load_run(tmp_path / "s.pt")

@@ -66,7 +66,7 @@ def lcm_boundary(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_min: float 
 
 
 class LCMBoundary(nn.Module):
-    """f(x, sigma, cond) = b_skip(sigma) x + b_out(sigma) D(x, sigma, cond): a denoiser D made a consistency function."""
+    """f(x, sigma, cond) = b_skip(sigma) x + b_out(sigma) D(x, sigma, cond): a denoiser D as a consistency function."""
 
     def __init__(self, net: nn.Module, *, sigma_min: float, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
         super().__init__()
