@@ -264,7 +264,7 @@ class StyleLoRA(Method):
     profiles = {"toy2d": {"smoke": dict(_TOY, steps=40), "cpu": dict(_TOY, steps=1500),
                           "gpu": dict(_TOY, steps=6000)},
                 # cifar10: a rank-r adapter of a c-channel layer adds about r (in + out) / (in out) ~ 2r / c, so rank 4 of
-                # the cpu U-Net (32-64 channels) trains 7.6 % of its size and rank 16 of the gpu one (256) 7.0 % (LCM-LoRA:
+                # the cpu U-Net (32-64 channels) adds 7.6 % to its parameters and rank 16 of the gpu one (256) 7.0 % (LCM-LoRA:
                 # 67.5M of SD-1.5's 860M, 8 %). Sample quality not measured yet.
                 "cifar10": {"smoke": dict(steps=10, rank=4), "cpu": dict(steps=300, rank=4, lr=2e-3),
                             "gpu": dict(steps=20_000, rank=16, lr=1e-4)},
