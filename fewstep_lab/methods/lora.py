@@ -263,9 +263,9 @@ class StyleLoRA(Method):
     _TOY = dict(rank=8, lr=2e-3, lr_schedule="cosine")
     profiles = {"toy2d": {"smoke": dict(_TOY, steps=40), "cpu": dict(_TOY, steps=1500),
                           "gpu": dict(_TOY, steps=6000)},
-                # cifar10: a rank-r adapter of a c-channel layer adds about r (in + out) / (in out) ~ 2r / c, so rank 4 of
-                # the cpu U-Net (32-64 channels) adds 7.6 % to its parameters and rank 16 of the gpu one (256) 7.0 % (LCM-LoRA:
-                # 67.5M of SD-1.5's 860M, 8 %). Sample quality not measured yet.
+                # cifar10: a rank-r adapter of a c-channel layer adds about r (in + out) / (in out) ~ 2r / c, so rank 4
+                # adds 7.6 % to the cpu U-Net's parameters (32-64 channels) and rank 16 adds 7.0 % to the gpu one
+                # (256); LCM-LoRA: 67.5M on SD-1.5's 860M, 8 %. Sample quality not measured yet.
                 "cifar10": {"smoke": dict(steps=10, rank=4), "cpu": dict(steps=300, rank=4, lr=2e-3),
                             "gpu": dict(steps=20_000, rank=16, lr=1e-4)},
                 # Not measured yet (the domain comes from ae10/lat10): the cifar10 numbers.
