@@ -208,7 +208,8 @@ class Cifar10(Domain):
             calls[0] += 1
             return D(x, sigma, cond)
 
-        device = next(D.parameters()).device if isinstance(D, nn.Module) else torch.device("cpu")
+        p = next(D.parameters(), None) if isinstance(D, nn.Module) else None
+        device = p.device if p is not None else torch.device("cpu")
         from tqdm.auto import tqdm
 
         values, secs = [], 0.0

@@ -67,7 +67,8 @@ class Domain:
         fn, grid = get_sampler(sampler), torch.as_tensor(sigmas, dtype=torch.float64)
         if device is None:
             params = getattr(D, "parameters", None)
-            device = next(params()).device if callable(params) else torch.device("cpu")
+            p = next(params(), None) if callable(params) else None
+            device = p.device if p is not None else torch.device("cpu")
         g, out, batch_size = torch.Generator().manual_seed(seed), [], batch_size or n
         cond = sampler_kwargs.pop("cond", None)
         for i in range(0, n, batch_size):

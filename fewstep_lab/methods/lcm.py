@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from ..guidance import null_label_of
@@ -111,6 +112,15 @@ class LCM(Method):
 
     def sigmas(self, recipe, steps=None):
         return consistency_sigmas(recipe, steps or 1)
+
+    def guide(self, recipe, model, labels, w=None):
+        """The student takes w as an input (cond = (labels, w)): guidance costs no second evaluation."""
+        if labels is None:
+            raise ValueError("LCM models are class-conditional: give class labels (--label C)")
+        if w is None:
+            raise ValueError(f"an LCM samples at a guidance scale it was distilled for: give w (--w W) in "
+                             f"[w_min, w_max] = [{recipe.w_min}, {recipe.w_max}]")
+        return model, (labels, torch.full(labels.shape, float(w), dtype=torch.float32, device=labels.device))
 
 
 register(LCM())
