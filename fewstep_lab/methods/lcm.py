@@ -25,8 +25,9 @@ from ..recipes import NoiseRecipe, _finite, ema_schedule
 from . import register
 from .base import Method, copy_teacher_net
 from .consistency import consistency_sigmas
+from .guided import drop_labels
 
-__all__ = ["LCMRecipe", "LCM"]
+__all__ = ["LCMRecipe", "LCM", "LabelsOnly"]
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,15 @@ class LCMRecipe(NoiseRecipe):
     huber_c: float | None = None  # pseudo-Huber constant (None: iCT's 0.00054 sqrt(dim))
     init_from_teacher: bool = True
     multistep_sigma_min: float = 0.25  # lowest level of the default multistep grid (as CM's toy recipes)
+    # "input": LCM (w an input of the student, guidance distilled); "sampling": the ablation "plain CD of
+    # the unguided teacher, guided at sampling time" (w_min = w_max = 0, labels dropped with p_uncond so
+    # the student also learns f(x, sigma, ∅); sampling applies CFG to the student's outputs: 2 calls/step).
+    guidance: str = "input"
+    p_uncond: float = 0.0  # label dropout in LCD (the "no label" token), needed by guidance="sampling"
 
     def choices(self) -> dict:
-        return {**super().choices(), "solver": ("euler", "heun"), "distance": ("l2", "pseudo_huber")}
+        return {**super().choices(), "solver": ("euler", "heun"), "distance": ("l2", "pseudo_huber"),
+                "guidance": ("input", "sampling")}
 
     def check(self) -> None:
         super().check()
@@ -67,6 +74,12 @@ class LCMRecipe(NoiseRecipe):
             raise ValueError("huber_c is the pseudo-Huber constant: set distance='pseudo_huber' or huber_c=None")
         if not self.sigma_min <= self.multistep_sigma_min < self.sigma_max:
             raise ValueError("multistep_sigma_min must lie in [sigma_min, sigma_max)")
+        _finite("p_uncond", self.p_uncond)
+        if not 0 <= self.p_uncond <= 1:
+            raise ValueError(f"p_uncond must lie in [0, 1], got {self.p_uncond}")
+        if self.guidance == "sampling" and (self.w_min != 0 or self.w_max != 0 or self.p_uncond == 0):
+            raise ValueError("guidance='sampling' distils the unguided teacher: set w_min = w_max = 0 and "
+                             "p_uncond > 0 (the student must learn the unconditional output too)")
 
 
 class LCM(Method):
@@ -77,11 +90,12 @@ class LCM(Method):
                           "gpu": dict(_TOY, steps=6000, ema_decay=0.995)}}
 
     def net_options(self, recipe):
-        return {"guidance_embed": True}
+        return {"guidance_embed": recipe.guidance == "input"}
 
     def build(self, recipe, net):
-        return Precond(net, get_scalings("lcm", sigma_data=recipe.sigma_data, sigma_min=recipe.sigma_min,
-                                         timestep_scaling=recipe.timestep_scaling))
+        scalings = get_scalings("lcm", sigma_data=recipe.sigma_data, sigma_min=recipe.sigma_min,
+                                timestep_scaling=recipe.timestep_scaling)
+        return Precond(net, scalings) if recipe.guidance == "input" else LabelsOnly(net, scalings)
 
     def prepare(self, recipe, teacher):
         null_label_of(teacher)  # the teacher must be class-conditional: a clear error now, not at step 1
@@ -98,6 +112,8 @@ class LCM(Method):
 
         def loss_fn(f, batch, ctx):
             x0, labels = batch
+            if recipe.p_uncond:
+                labels = drop_labels(labels, recipe.p_uncond, null, ctx.generator)
             return lcd_loss(f, ctx.emas["target"], teacher, x0, labels, N=recipe.N, k=recipe.k, w_min=recipe.w_min,
                             w_max=recipe.w_max, null_label=null, solver=recipe.solver, distance=d,
                             generator=ctx.generator, sigma_min=recipe.sigma_min, sigma_max=recipe.sigma_max,
@@ -117,10 +133,19 @@ class LCM(Method):
         """The student takes w as an input (cond = (labels, w)): guidance costs no second evaluation."""
         if labels is None:
             raise ValueError("LCM models are class-conditional: give class labels (--label C)")
+        if recipe.guidance == "sampling":  # the ablation: CFG on the student's outputs (Method.guide)
+            return super().guide(recipe, model, labels, w)
         if w is None:
             raise ValueError(f"an LCM samples at a guidance scale it was distilled for: give w (--w W) in "
                              f"[w_min, w_max] = [{recipe.w_min}, {recipe.w_max}]")
         return model, (labels, torch.full(labels.shape, float(w), dtype=torch.float32, device=labels.device))
+
+
+class LabelsOnly(Precond):
+    """A consistency student without a w input: takes cond = labels, or (labels, w) with w ignored (w = 0 in training)."""
+
+    def forward(self, x, sigma, cond=None):
+        return super().forward(x, sigma, cond[0] if isinstance(cond, tuple) else cond)
 
 
 register(LCM())
