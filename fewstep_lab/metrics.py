@@ -249,9 +249,9 @@ def per_class_table(samples: torch.Tensor, labels: torch.Tensor, mixture, *, flo
                     radius: float = 3.0, min_share: float = 0.25, num_projections: int = 256) -> list[dict]:
     """One row per class of the labelled samples, then a "mean" row (unweighted mean over classes).
 
-    Each row: ``class``, ``n``, ``swd`` (`class_sliced_w2` against fresh data of the class, seeded ``seed``),
-    ``swd_floor`` (the same with fresh data seeded ``floor_seed`` in place of the samples: data vs data at the
-    same n), ``spread`` and ``spread_data`` with ``spread_ratio`` = spread / spread_data, ``mode_shift``, ``coverage``,
+    Each row: ``class``, ``n``, ``swd`` (`class_sliced_w2` against fresh data of class c, seeded ``seed + c``),
+    ``swd_floor`` (the same with fresh data, seeded ``10_000 + 100 floor_seed + c``, in place of the samples:
+    data vs data at the same n), ``spread`` and ``spread_data`` with ``spread_ratio`` = spread / spread_data, ``mode_shift``, ``coverage``,
     ``off_mode`` and ``off_mode_data``. Classes without samples are skipped.
     """
     x = _as2d(samples, "samples")
@@ -263,13 +263,13 @@ def per_class_table(samples: torch.Tensor, labels: torch.Tensor, mixture, *, flo
         xc = x[labels == c]
         if len(xc) == 0:
             continue
-        fresh = mixture.class_mixture(c).sample(len(xc), torch.Generator().manual_seed(10_000 + floor_seed))
+        fresh = mixture.class_mixture(c).sample(len(xc), torch.Generator().manual_seed(10_000 + 100 * floor_seed + c))
         cov = class_mode_coverage(xc, mixture, c, radius, min_share)
         spread, spread_data = class_spread(xc, mixture, c), class_spread_data(mixture, c)
         shift = class_mode_shift(xc, mixture, c)
         rows.append({"class": c, "n": len(xc),
-                     "swd": class_sliced_w2(xc, mixture, c, seed=seed, num_projections=num_projections),
-                     "swd_floor": class_sliced_w2(fresh, mixture, c, seed=seed, num_projections=num_projections),
+                     "swd": class_sliced_w2(xc, mixture, c, seed=seed + c, num_projections=num_projections),
+                     "swd_floor": class_sliced_w2(fresh, mixture, c, seed=seed + c, num_projections=num_projections),
                      "spread": spread, "spread_data": spread_data, "spread_ratio": spread / spread_data, "mode_shift": shift,
                      "coverage": cov["coverage"], "off_mode": cov["off_mode"],
                      "off_mode_data": off_mode_data(x.shape[1], radius)})
