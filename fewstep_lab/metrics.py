@@ -8,6 +8,9 @@
 - Energy distance (Székely & Rizzo 2013), a V-statistic.
 - For Gaussian mixtures: the mode-weight error (total variation between the assignment
   histogram of the samples and the true weights), which shows mode dropping an average hides.
+- For labelled mixtures (classifier-free guidance, notebook 07): per class, the sliced W2 to the class's
+  own distribution, the within-mode spread and mode shift, mode coverage and off-mode mass
+  (`per_class_metrics`, `per_class_table`).
 Every distance is to be reported beside its *noise floor*: the same distance between two
 fresh samples of the true distribution (`noise_floor`).
 """
@@ -19,7 +22,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["w2_exact", "sliced_w2", "energy_distance", "mode_weight_error", "noise_floor", "mean_std"]
+__all__ = ["w2_exact", "sliced_w2", "energy_distance", "mode_weight_error", "noise_floor", "mean_std",
+           "sliced_w2_unequal", "class_sliced_w2", "class_spread", "class_spread_data", "class_mode_shift",
+           "class_mode_coverage", "off_mode_data", "per_class_table", "per_class_metrics"]
 
 
 def _as2d(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -109,9 +114,6 @@ def mean_std(values) -> tuple[float, float]:
 #              fraction of samples on none of the class's modes (`class_mode_coverage`), beside the data's own
 #              off-mode fraction P(chi^2_d > radius^2) (`off_mode_data`).
 # ---------------------------------------------------------------------------------------------------------------------
-
-__all__ += ["sliced_w2_unequal", "class_sliced_w2", "class_spread", "class_spread_data", "class_mode_shift", "class_mode_coverage",
-            "off_mode_data", "per_class_table", "per_class_metrics"]
 
 
 def _class_components(mixture, c: int):
@@ -251,8 +253,8 @@ def per_class_table(samples: torch.Tensor, labels: torch.Tensor, mixture, *, flo
 
     Each row: ``class``, ``n``, ``swd`` (`class_sliced_w2` against fresh data of class c, seeded ``seed + c``),
     ``swd_floor`` (the same with fresh data, seeded ``10_000 + 100 floor_seed + c``, in place of the samples:
-    data vs data at the same n), ``spread`` and ``spread_data`` with ``spread_ratio`` = spread / spread_data, ``mode_shift``, ``coverage``,
-    ``off_mode`` and ``off_mode_data``. Classes without samples are skipped.
+    data vs data at the same n), ``spread`` and ``spread_data`` with ``spread_ratio`` = spread / spread_data,
+    ``mode_shift``, ``coverage``, ``off_mode`` and ``off_mode_data``. Classes without samples are skipped.
     """
     x = _as2d(samples, "samples")
     labels = torch.as_tensor(labels).long().cpu()
@@ -270,7 +272,8 @@ def per_class_table(samples: torch.Tensor, labels: torch.Tensor, mixture, *, flo
         rows.append({"class": c, "n": len(xc),
                      "swd": class_sliced_w2(xc, mixture, c, seed=seed + c, num_projections=num_projections),
                      "swd_floor": class_sliced_w2(fresh, mixture, c, seed=seed + c, num_projections=num_projections),
-                     "spread": spread, "spread_data": spread_data, "spread_ratio": spread / spread_data, "mode_shift": shift,
+                     "spread": spread, "spread_data": spread_data, "spread_ratio": spread / spread_data,
+                     "mode_shift": shift,
                      "coverage": cov["coverage"], "off_mode": cov["off_mode"],
                      "off_mode_data": off_mode_data(x.shape[1], radius)})
     if not rows:
