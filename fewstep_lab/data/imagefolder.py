@@ -105,12 +105,12 @@ def load_image_folder(path, resolution: int) -> tuple[torch.Tensor, torch.Tensor
 class ImageFolderLatentRecipe(LatentRecipe):
     """A folder of images (an absolute path; see load_image_folder), seen through an autoencoder."""
 
-    folder: str = ""
+    folder: str = ""  # "" only as the dataclass default: the domain refuses it when it is used
 
     def check(self) -> None:
         super().check()
-        if not isinstance(self.folder, str) or not self.folder.strip():
-            raise ValueError("the imagefolder domain needs a folder: --data imagefolder:PATH (folder='PATH')")
+        if not isinstance(self.folder, str):
+            raise ValueError(f"folder must be a path string, got {self.folder!r}")
 
 
 @register_domain
@@ -129,6 +129,8 @@ class ImageFolderLatent(LatentDomain):
 
     @property
     def data_folder(self) -> Path:
+        if not self.recipe.folder.strip():
+            raise ValueError("the imagefolder domain needs a folder: --data imagefolder:PATH (folder='PATH')")
         return Path(self.recipe.folder).expanduser().resolve()
 
     def _load_pixels(self):
