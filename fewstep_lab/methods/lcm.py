@@ -40,7 +40,7 @@ from . import register
 from .base import Method, copy_teacher_net
 from .consistency import consistency_sigmas
 
-__all__ = ["LCMRecipe", "LCM", "lcm_eps_scalings", "lcm_timesteps", "teacher_grid", "ddpm_schedule_of"]
+__all__ = ["LCMStudentRecipe", "LCMRecipe", "LCM", "lcm_eps_scalings", "lcm_timesteps", "teacher_grid", "ddpm_schedule_of"]
 
 
 def lcm_eps_scalings(sigma: torch.Tensor, *, schedule: DiscreteSchedule, sigma_data: float = 0.5,
@@ -102,30 +102,26 @@ def teacher_grid(recipe) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class LCMRecipe(NoiseRecipe):
-    """LCD's choices. Defaults: LCM's (diffusers' train_lcm_distill_sd_wds.py: guidance scales 5-15 in
-    diffusers' convention, i.e. w in [4, 14] here; 50 DDIM levels from a 1000-step grid, i.e. N = 1000,
-    k = 20; DDIM = Euler; target EMA 0.95; timestep scaling 10; l2). Toy values: see LCM.profiles
-    (not tuned yet)."""
+class LCMStudentRecipe(NoiseRecipe):
+    """What every trainer of a w-conditioned LCM student shares (LCD here, LCF in ``methods/lcf.py``): the
+    grid (N levels, or a DDPM teacher's), the skipping step k, the w range, the EMA target, the boundary
+    scalings' timestep scaling, the distance, and the default multistep grid."""
 
     N: int = 1000
     k: int = 20
-    solver: str = "euler"
     w_min: float = 4.0
     w_max: float = 14.0
     target_decay: float = 0.95
     timestep_scaling: float = 10.0
     distance: str = "l2"
     huber_c: float | None = None  # pseudo-Huber constant (None: iCT's 0.00054 sqrt(dim))
-    init_from_teacher: bool = True
     multistep_sigma_min: float = 0.25  # lowest level of the default multistep grid (EDM teacher)
     # None: an EDM teacher (the rho-ramp grid). 'linear' | 'cosine': a DDPM teacher's discrete grid of
     # N = T levels, set by prepare() from the teacher with its sigma_min and sigma_max.
     ddpm_schedule: str | None = None
 
     def choices(self) -> dict:
-        return {**super().choices(), "solver": ("euler", "heun"), "distance": ("l2", "pseudo_huber"),
-                "ddpm_schedule": (None, "linear", "cosine")}
+        return {**super().choices(), "distance": ("l2", "pseudo_huber"), "ddpm_schedule": (None, "linear", "cosine")}
 
     def check(self) -> None:
         super().check()
@@ -150,6 +146,23 @@ class LCMRecipe(NoiseRecipe):
                 raise ValueError(f"with ddpm_schedule={self.ddpm_schedule!r} (N={self.N}) sigma_min and sigma_max are "
                                  f"the teacher's ({float(grid[0]):.6g}, {float(grid[-1]):.6g}); they are set from the "
                                  "teacher: do not set them")
+
+    def distance_fn(self):
+        return get_distance("pseudo_huber", c=self.huber_c) if self.distance == "pseudo_huber" else self.distance
+
+
+@dataclass(frozen=True)
+class LCMRecipe(LCMStudentRecipe):
+    """LCD's choices. Defaults: LCM's (diffusers' train_lcm_distill_sd_wds.py: guidance scales 5-15 in
+    diffusers' convention, i.e. w in [4, 14] here; 50 DDIM levels from a 1000-step grid, i.e. N = 1000,
+    k = 20; DDIM = Euler; target EMA 0.95; timestep scaling 10; l2). Toy values: see LCM.profiles
+    (not tuned yet)."""
+
+    solver: str = "euler"
+    init_from_teacher: bool = True
+
+    def choices(self) -> dict:
+        return {**super().choices(), "solver": ("euler", "heun")}
 
 
 class LCM(Method):
@@ -199,8 +212,7 @@ class LCM(Method):
             copy_teacher_net(model, teacher, own_prefixes=("w_",))
 
     def loss(self, recipe, teacher):
-        null, grid = null_label_of(teacher), teacher_grid(recipe)
-        d = get_distance("pseudo_huber", c=recipe.huber_c) if recipe.distance == "pseudo_huber" else recipe.distance
+        null, grid, d = null_label_of(teacher), teacher_grid(recipe), recipe.distance_fn()
 
         def loss_fn(f, batch, ctx):
             x0, labels = batch
