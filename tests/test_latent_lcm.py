@@ -231,3 +231,30 @@ def test_lcm_distils_a_ddpm_cfg_checkpoint_end_to_end(tmp_path):
         assert x.shape == (12, 2) and torch.isfinite(x).all()
     assert torch.equal(sample(loaded, loaded_run, 12, steps=2, cond=(labels, 2.0)),
                        sample(model, loaded_run, 12, steps=2, cond=(labels, 2.0)))
+
+
+# ---------------------------------------------------------------- cifar10-latent end to end
+
+
+def test_fewstep_train_ddpm_cfg_then_lcm_on_cifar10_latent(tmp_path, monkeypatch):
+    from fewstep_lab import autoencoder as A
+    from fewstep_lab.cli import main
+    from fewstep_lab.pipeline import default_sigmas, make_domain
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    A.train_autoencoder(A.autoencoder_recipe("smoke", steps=10), checkpoint_path=tmp_path / "ae.pt", progress=False)
+    common = ["--data", "cifar10-latent", "--profile", "smoke", "--set", f"autoencoder={tmp_path / 'ae.pt'}"]
+    assert main(["train", "--method", "ddpm-cfg", *common, "--out", str(tmp_path / "t.pt")]) == 0
+    assert main(["train", "--method", "lcm", *common, "--teacher", str(tmp_path / "t.pt"),
+                 "--out", str(tmp_path / "lcm.pt")]) == 0
+    teacher, t_run = load_run(tmp_path / "t.pt")
+    lcm, run = load_run(tmp_path / "lcm.pt")
+    assert run.recipe.ddpm_schedule == "linear" and run.recipe.k == 20 and lcm.net.guidance_embed
+    domain = make_domain(run)
+    labels = torch.arange(20) % 10
+    # Guided DDIM of the teacher and 2-step LCM, both scored by FD of decoded images and the classifier's accuracy.
+    # (domain.evaluate until pipeline.evaluate takes cond)
+    r_t = domain.evaluate(CFGDenoiser(teacher, 3.0, 10), "euler", default_sigmas(t_run, 4), n=20, cond=labels)
+    r_l = domain.evaluate(lcm, "lcm", default_sigmas(run, 2), n=20, cond=(labels, 3.0))
+    for r, nfe in ((r_t, 4), (r_l, 2)):
+        assert r.nfe == nfe and math.isfinite(r.fd_mean) and 0 <= r.accuracy <= 1

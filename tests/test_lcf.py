@@ -92,18 +92,38 @@ def test_lcf_errors(toy_lcm, tmp_path):
         train_run(make_run("lcf", "cifar10", "smoke", init=str(toy_lcm)), progress=False)
 
 
-def test_an_lcm_of_8_classes_fine_tuned_on_the_other_2(tmp_path):
-    """The LCM chapter's demonstration in smoke size (CIFAR-10 pixels at 16 px until the latent domain lands)."""
+@pytest.fixture(scope="module")
+def latent(tmp_path_factory):
+    """A smoke autoencoder and a temporary encoding cache: {'ae': path}."""
+    from fewstep_lab import autoencoder as A
+
+    d = tmp_path_factory.mktemp("latent")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEWSTEP_CACHE", str(d / "cache"))
+    A.train_autoencoder(A.autoencoder_recipe("smoke", steps=10), checkpoint_path=d / "ae.pt", progress=False)
+    A.train_autoencoder(A.autoencoder_recipe("smoke", steps=10, seed=1), checkpoint_path=d / "ae2.pt", progress=False)
+    yield {"ae": str(d / "ae.pt"), "ae2": str(d / "ae2.pt")}
+    mp.undo()
+
+
+def test_an_lcm_of_8_classes_fine_tuned_on_the_other_2(latent, tmp_path):
+    """The LCM chapter's demonstration in smoke size, on cifar10-latent: LCM on 8 classes, LCF on the other 2."""
     old, new = CLASSES[:8], CLASSES[8:]
-    data = dict(source="sample", train_images=None)
-    train_run(make_run("ddpm-cfg", "cifar10", "smoke", steps=4, classes=old, **data), checkpoint_path=tmp_path / "t.pt",
-              progress=False)
-    train_run(make_run("lcm", "cifar10", "smoke", steps=3, classes=old, **data), teacher=tmp_path / "t.pt",
+    data = dict(autoencoder=latent["ae"])
+    train_run(make_run("ddpm-cfg", "cifar10-latent", "smoke", steps=4, classes=old, **data),
+              checkpoint_path=tmp_path / "t.pt", progress=False)
+    train_run(make_run("lcm", "cifar10-latent", "smoke", steps=3, classes=old, **data), teacher=tmp_path / "t.pt",
               checkpoint_path=tmp_path / "lcm.pt", progress=False)
-    run = make_run("lcf", "cifar10", "smoke", steps=3, classes=new, init=str(tmp_path / "lcm.pt"), **data)
+    run = make_run("lcf", "cifar10-latent", "smoke", steps=3, classes=new, init=str(tmp_path / "lcm.pt"), **data)
     model, state = train_run(run, checkpoint_path=tmp_path / "lcf.pt", progress=False)
     loaded, loaded_run = load_run(tmp_path / "lcf.pt")
-    labels = torch.tensor([8, 9, 8, 9])  # the new classes' own label slots (untrained in the LCM)
+    assert loaded_run.recipe.num_classes == 10 and loaded_run.data_recipe.classes == new
+    labels = torch.tensor([8, 9, 8, 9])  # the new classes' own label slots (never trained in the LCM)
     for steps in (1, 2, 4):
-        x = sample(loaded, loaded_run, 4, steps=steps, cond=(labels, 1.0))
-        assert x.shape == (4, 3, 16, 16) and torch.isfinite(x).all()
+        x = sample(loaded, loaded_run, 4, steps=steps, cond=(labels, 1.0))  # decoded images
+        assert x.shape == (4, 3, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1
+    # Another autoencoder is another latent space: refused.
+    other = make_run("lcf", "cifar10-latent", "smoke", steps=3, classes=new, init=str(tmp_path / "lcm.pt"),
+                     autoencoder=latent["ae2"])
+    with pytest.raises(ValueError, match="another data space.*autoencoder"):
+        train_run(other, progress=False)
