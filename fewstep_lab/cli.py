@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--method", required=True, choices=sorted(METHODS), help="a registered method")
     p.add_argument("--data", "--dataset", dest="data", default="8gaussians",
-                   help="a data domain (toy2d, cifar10) or a toy dataset name (8gaussians, checkerboard, ...)")
+                   help="a data domain (toy2d, cifar10, cifar10-latent), imagefolder:PATH (a folder of your images, "
+                        "seen through an autoencoder), or a toy dataset name (8gaussians, checkerboard, ...)")
     p.add_argument("--teacher", default=None,
                    help="for distillation (cd, pd): a diffusion teacher's checkpoint, or 'exact' (toy mixtures)")
     p.add_argument("--steps", type=int, default=None, help="override the profile's number of training steps")

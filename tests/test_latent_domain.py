@@ -89,6 +89,8 @@ def test_pipeline_trains_samples_images_and_evaluates(domain):
     nolabel = domain.evaluate(zero, "euler", torch.tensor([1.0, 0.0]), n=20, cond=torch.full((20,), 10))
     assert nolabel.accuracy is None
     assert domain.balanced_labels(12).tolist() == list(range(10)) + [0, 1]
+    ceiling = domain.reference_accuracy(100)
+    assert set(ceiling) == {"real", "reconstructed"} and ceiling["real"] > 0.2  # 10 classes: chance is 0.1
     lo, _ = domain.floor(100)
     assert 0 < lo < res.fd_mean
 
@@ -251,3 +253,12 @@ def test_good_image_folders_flat_and_with_classes(tmp_path, ae_path, cache):
     assert d.images[0, 0].float().mean() > 200 and d.images[3].float().mean() < 10  # apple red, zebra black
     x, y = d.batch_fn(8, labels=True)(torch.Generator().manual_seed(0))
     assert x.shape == (8, 4, 8, 8) and set(y.tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+def test_every_profile_builds_its_latent_net(profile):
+    run = P.make_run("edm", "cifar10-latent", profile)
+    d = P.make_domain(run)
+    assert d.shape == (4, 8, 8)
+    net = d.make_net(num_classes=10)
+    assert net(torch.zeros(2, *d.shape), torch.zeros(2), torch.tensor([0, 10])).shape == (2, *d.shape)
