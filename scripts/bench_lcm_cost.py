@@ -10,9 +10,9 @@ noisy). Also prints the wall time per image of 1/2/4-step latent LCM sampling in
 """
 
 import statistics
-import time
 
 import torch
+from bench_one_step import _median_time  # scripts/ is on sys.path when run as a script
 
 from fewstep_lab.nets.autoencoder import KLAutoencoder, autoencoder_sizes
 from fewstep_lab.nets.mlp import MLP
@@ -20,15 +20,6 @@ from fewstep_lab.nets.unet import UNet
 from fewstep_lab.data.latent_domain import LATENT_NETS
 from fewstep_lab.precond import Precond, get_scalings
 from fewstep_lab.sampling import sample_lcm
-
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _interleaved(fns, repeats, rounds=5):
