@@ -24,7 +24,7 @@ from .recipes import Run, apply_overrides, recipe_from_fields
 from .train import TrainState, load_checkpoint, read_checkpoint_meta, train
 
 __all__ = ["make_run", "make_domain", "build_model", "train_run", "load_or_train", "load_run", "load_teacher", "run_from_dict",
-           "default_sigmas", "sample", "evaluate", "RunMismatchError"]
+           "default_sigmas", "condition", "sample", "evaluate", "RunMismatchError"]
 
 
 class RunMismatchError(ValueError):
@@ -62,7 +62,7 @@ def build_model(run: Run, domain=None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.recipe.seed)
         options = method.net_options(run.recipe)
-        if method.uses_labels(run.recipe):
+        if method.uses_labels(run.recipe) and "num_classes" not in options:  # (a method may bring its own: lcf)
             # A method that trains on labels gets a class-conditional net (label num_classes = none).
             if getattr(domain, "num_classes", None) is None:
                 raise ValueError(f"{run.method} trains on class labels; {run.data} "
@@ -158,6 +158,8 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
     teacher = load_teacher(teacher, run, domain)
     if isinstance(teacher, nn.Module):
         teacher = teacher.to(device).eval().requires_grad_(False)
+    if hasattr(method, "prepare_run"):  # a method that starts from another run's checkpoint (lcf) reads it here
+        run = method.prepare_run(run, domain)
     run = replace(run, recipe=method.prepare(run.recipe, teacher))
     path = None if checkpoint_path is None else Path(checkpoint_path)
     if path is not None and not restart:
@@ -166,7 +168,8 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
 
     def train_once(model, loss_fn, ema_decays, *, recipe=None, tag=None):
         r = recipe or run.recipe
-        batch_fn = domain.batch_fn(rank_batch_size(r.batch_size, world), device, labels=method.uses_labels(r))
+        labels = method.uses_labels(r) and getattr(domain, "num_classes", None) is not None  # lcf: unlabelled too
+        batch_fn = domain.batch_fn(rank_batch_size(r.batch_size, world), device, labels=labels)
         return train(model, loss_fn, batch_fn, steps=r.steps, lr=r.lr, warmup=r.warmup, lr_schedule=r.lr_schedule,
                      grad_clip=r.grad_clip, ema_decays=ema_decays, seed=r.seed, device=device, bf16=domain.bf16,
                      checkpoint_path=path if path is None or tag is None else tagged_path(path, tag),
@@ -213,23 +216,55 @@ def _sampling(run: Run, steps, sigmas, sampler):
     return name, grid, kwargs
 
 
+def condition(model, run: Run, labels, w: float | None = None):
+    """(D, cond) that samples the run's model for class `labels` (an int or (B,) long) at guidance w.
+
+    The method decides (``Method.guide``): a class-conditional teacher is wrapped in classifier-free
+    guidance (w None: the plain conditional model), LCM passes (labels, w) to its student.
+    """
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"class labels must be integers, got {labels.dtype}")
+        labels = labels.long()
+    return get_method(run.method).guide(run.recipe, model, labels, w)
+
+
 def sample(model, run: Run, n: int, *, steps: int | None = None, sigmas=None, sampler: str | None = None,
-           seed: int = 0, domain=None, batch_size: int | None = None, cond=None) -> torch.Tensor:
+           seed: int = 0, domain=None, batch_size: int | None = None, cond=None, labels=None,
+           w: float | None = None) -> torch.Tensor:
     """n samples of the run's model with its method's sampler and grid (or the ones given).
 
-    cond: the condition for a conditional model, batch-first (n labels; for LCM, (labels, w)).
+    labels (an int, or n ints) and w: the class and guidance scale of a class-conditional model
+    (see ``condition``). cond: a raw batch-first condition instead (n labels; for LCM, (labels, w)).
     """
     name, grid, kwargs = _sampling(run, steps, sigmas, sampler)
     domain = domain or make_domain(run)
+    if labels is not None or w is not None:
+        if cond is not None:
+            raise ValueError("give either labels/w or a raw cond, not both")
+        labels = None if labels is None else torch.as_tensor(labels).long().expand(n).contiguous()
+        model, cond = condition(model, run, labels, w)
     if cond is not None:
         kwargs["cond"] = cond
     return domain.generate(model, name, grid, n, seed=seed, batch_size=batch_size, **kwargs)
 
 
 def evaluate(model, run: Run, *, steps: int | None = None, sigmas=None, sampler: str | None = None, n=None,
-             seeds=(0, 1, 2), domain=None, progress: bool = False, root=None):
-    """The domain's metric (sliced W2 for 2-D, FD for images) of the model's samples, mean ± std over seeds."""
+             seeds=(0, 1, 2), domain=None, progress: bool = False, root=None, w: float | None = None):
+    """The domain's metric (sliced W2 for 2-D, FD for images) of the model's samples, mean ± std over seeds.
+
+    A class-conditional model (guided at w, see ``condition``) is scored per class on labelled 2-D
+    data (``evaluate_classes``: each class against its own distribution, mean over classes) and on
+    class-balanced labels elsewhere.
+    """
     name, grid, kwargs = _sampling(run, steps, sigmas, sampler)
     domain = domain or make_domain(run, root=root)
+    if get_method(run.method).needs_labels:
+        n = n or domain.default_n
+        if hasattr(domain, "evaluate_classes"):
+            return domain.evaluate_classes(lambda labels: condition(model, run, labels, w), name, grid, n=n,
+                                           seeds=tuple(seeds), progress=progress, **kwargs)
+        model, kwargs["cond"] = condition(model, run, torch.arange(n) % domain.num_classes, w)
     return domain.evaluate(model, name, grid, n=n or domain.default_n, seeds=tuple(seeds), progress=progress,
                            **kwargs)

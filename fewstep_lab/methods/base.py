@@ -19,7 +19,9 @@ says, and nothing else in the package does:
   model of the same domain trained on other data, e.g. a style LoRA's);
 - ``sampler(recipe)``, ``sigmas(recipe, steps)``, ``sampler_kwargs(recipe)``,
   ``default_steps(recipe)`` and ``nfe(recipe, sigmas)``: its default sampling and its cost;
-- ``fit(...)``: how training is organised (one call of the train loop by default; rounds for PD).
+- ``fit(...)``: how training is organised (one call of the train loop by default; rounds for PD);
+- ``guide(recipe, model, labels, w)``: the (denoiser, cond) that samples class ``labels`` at guidance
+  scale ``w`` (a class-conditional teacher is wrapped in classifier-free guidance; LCM takes w as input).
 
 The pipeline (``pipeline.py``) composes a method with a data domain; neither knows the other.
 No paper: this is the contract.
@@ -143,6 +145,23 @@ class Method:
 
     def nfe(self, recipe, sigmas) -> int:
         return sampler_nfe(self.sampler(recipe), sigmas)
+
+    def guide(self, recipe, model, labels, w=None):
+        """(D, cond) to sample `model` for class `labels` ((B,) long) at guidance scale w (None: no guidance).
+
+        A class-conditional model without a w input is guided by classifier-free guidance
+        (``guidance.CFGDenoiser``: D(∅) + (1 + w)(D(c) - D(∅)), one batched call of 2B); an
+        unconditional model refuses labels and w.
+        """
+        if not self.needs_labels:
+            if labels is not None or w is not None:
+                raise ValueError(f"{self.name} models are unconditional: they take no class labels nor guidance w")
+            return model, None
+        from ..guidance import CFGDenoiser, null_label_of
+
+        if labels is None:
+            raise ValueError(f"{self.name} models are class-conditional: give class labels (--label C)")
+        return (model, labels) if w is None else (CFGDenoiser(model, float(w), null_label_of(model)), labels)
 
     def __repr__(self) -> str:
         return f"<method {self.name!r}: {type(self).__name__}>"
