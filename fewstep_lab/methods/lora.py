@@ -50,8 +50,7 @@ from ..precond import append_dims, as_sigma
 from ..recipes import NoiseRecipe, ema_schedule, recipe_from_fields
 from . import get_method, register
 from .base import Method
-from .consistency import consistency_sigmas
-from .lcm import LCMRecipe
+from .lcm import LCM, LCMRecipe, ddpm_schedule_of, teacher_grid
 
 __all__ = ["LCMLoRARecipe", "StyleLoRARecipe", "LCMLoRA", "StyleLoRA", "LCMBoundary", "lcm_boundary",
            "export_adapter", "combine"]
@@ -66,22 +65,44 @@ def lcm_boundary(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_min: float 
 
 
 class LCMBoundary(nn.Module):
-    """f(x, sigma, cond) = b_skip(sigma) x + b_out(sigma) D(x, sigma, cond): a denoiser D as a consistency function."""
+    """f(x, sigma, cond) = b_skip(sigma) x + b_out(sigma) D(x, sigma, cond): a denoiser D as a consistency function.
 
-    def __init__(self, net: nn.Module, *, sigma_min: float, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    EDM teacher: t = sigma - sigma_min (``lcm_boundary``). DDPM teacher (ddpm_schedule 'linear' | 'cosine' and
+    num_timesteps): t = the teacher's timestep of sigma, as ``methods.lcm.lcm_eps_scalings`` (LCM's own choice,
+    exactly 0 at the teacher's lowest level, so f(x, sigma_min) = x there).
+    """
+
+    def __init__(self, net: nn.Module, *, sigma_min: float, sigma_data: float = 0.5, timestep_scaling: float = 10.0,
+                 ddpm_schedule: str | None = None, num_timesteps: int | None = None):
         super().__init__()
         self.net = net  # named net: null_label_of and the LoRA helpers look through it
         self.sigma_min, self.sigma_data, self.timestep_scaling = float(sigma_min), float(sigma_data), float(
             timestep_scaling)
+        self.ddpm_schedule, self.num_timesteps = ddpm_schedule, num_timesteps
+        self._schedule = None
+        if ddpm_schedule is not None:
+            from ..schedules import DiscreteSchedule, alphas_cumprod
+
+            self._schedule = DiscreteSchedule(alphas_cumprod(ddpm_schedule, int(num_timesteps)))
+
+    def boundary(self, sigma: torch.Tensor):
+        if self._schedule is None:
+            return lcm_boundary(sigma, self.sigma_data, self.sigma_min, self.timestep_scaling)
+        from .lcm import lcm_eps_scalings
+
+        c_skip, c_out, _, _ = lcm_eps_scalings(sigma, schedule=self._schedule, sigma_data=self.sigma_data,
+                                               timestep_scaling=self.timestep_scaling)
+        b_out = -c_out / sigma  # lcm_eps_scalings: c_skip = b_skip + b_out, c_out = -b_out sigma
+        return c_skip - b_out, b_out
 
     def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
         sigma = as_sigma(sigma, x)
-        b_skip, b_out = (append_dims(b, x.ndim) for b in lcm_boundary(sigma, self.sigma_data, self.sigma_min,
-                                                                       self.timestep_scaling))
+        b_skip, b_out = (append_dims(b, x.ndim) for b in self.boundary(sigma))
         return b_skip * x + b_out * self.net(x, sigma, cond).to(x.dtype)
 
     def boundary_meta(self) -> dict:
-        return {"sigma_min": self.sigma_min, "sigma_data": self.sigma_data, "timestep_scaling": self.timestep_scaling}
+        return {"sigma_min": self.sigma_min, "sigma_data": self.sigma_data, "timestep_scaling": self.timestep_scaling,
+                "ddpm_schedule": self.ddpm_schedule, "num_timesteps": self.num_timesteps}
 
 
 # ----------------------------------------------------------------------------- the teacher's denoiser form
@@ -151,6 +172,9 @@ class LCMLoRARecipe(LCMRecipe):
         _check_adapter(self)
         if not self.init_from_teacher:
             raise ValueError("LCM-LoRA always starts from the teacher's weights (init_from_teacher=True)")
+        if self.guidance != "input" or self.p_uncond:
+            raise ValueError("LCM-LoRA distils the guided teacher (guidance='input', p_uncond=0); its student takes "
+                             "no w")
 
 
 def _check_adapter(r) -> None:
@@ -204,31 +228,33 @@ class LCMLoRA(Method):
         D = m.build(r, net)
         inject_lora(D, recipe.rank, recipe.alpha, name="default")
         return LCMBoundary(D, sigma_min=recipe.sigma_min, sigma_data=recipe.sigma_data,
-                           timestep_scaling=recipe.timestep_scaling)
+                           timestep_scaling=recipe.timestep_scaling, ddpm_schedule=recipe.ddpm_schedule,
+                           num_timesteps=recipe.N if recipe.ddpm_schedule else None)
 
     def prepare(self, recipe, teacher):
         _null_label(teacher)  # a class-conditional teacher (guidance): a clear error now, not at step 1
         recipe = _with_base(recipe, teacher, self.name)
-        # A discrete-time teacher knows sigmas in [its sigma_min, its sigma_max] only: train inside that range.
-        lo, hi = getattr(teacher, "sigma_min", None), getattr(teacher, "sigma_max", None)
-        if lo is not None and hi is not None:
-            recipe = replace(recipe, sigma_min=max(recipe.sigma_min, float(lo)), sigma_max=min(recipe.sigma_max,
-                                                                                                float(hi)))
+        ddpm = ddpm_schedule_of(teacher)
+        if ddpm is not None:  # LCM's own path (methods/lcm.py): the teacher's T levels, k timesteps, its ends
+            kind, T = ddpm
+            if recipe.k >= T:
+                raise ValueError(f"the skipping step k={recipe.k} must be below the teacher's {T} timesteps")
+            recipe = replace(recipe, ddpm_schedule=kind, N=T, sigma_min=float(teacher.sigma_min),
+                             sigma_max=float(teacher.sigma_max))
         return recipe
 
     def init_from_teacher(self, recipe, model, teacher):
         _copy_base(model.net, teacher)
 
     def loss(self, recipe, teacher):
-        null = _null_label(teacher)
+        null, grid = _null_label(teacher), teacher_grid(recipe)
         d = get_distance("pseudo_huber", c=recipe.huber_c) if recipe.distance == "pseudo_huber" else recipe.distance
 
         def loss_fn(f, batch, ctx):
             x0, labels = batch
             return lcd_loss(_drop_w(f), _drop_w(ctx.emas["target"]), teacher, x0, labels, N=recipe.N, k=recipe.k,
                             w_min=recipe.w_min, w_max=recipe.w_max, null_label=null, solver=recipe.solver,
-                            distance=d, generator=ctx.generator, sigma_min=recipe.sigma_min,
-                            sigma_max=recipe.sigma_max, rho=recipe.rho)
+                            distance=d, generator=ctx.generator, sigmas=grid)
         return loss_fn
 
     def ema_decays(self, recipe):
@@ -238,7 +264,16 @@ class LCMLoRA(Method):
         return "lcm"
 
     def sigmas(self, recipe, steps=None):
-        return consistency_sigmas(recipe, steps or 1)
+        return LCM.sigmas(self, recipe, steps)  # LCM's grids: the rho-ramp, or LCMScheduler's timesteps (DDPM)
+
+    def guide(self, recipe, model, labels, w=None):
+        """The student takes labels only: its w was fixed in training (w_min = w_max), or averaged over a range."""
+        if labels is None:
+            raise ValueError("LCM-LoRA models are class-conditional: give class labels (--label C)")
+        if w is not None and not recipe.w_min <= float(w) <= recipe.w_max:
+            raise ValueError(f"this LCM-LoRA cannot take w at sampling: it was distilled at w in [{recipe.w_min}, "
+                             f"{recipe.w_max}]; leave w unset")
+        return model, labels
 
 
 # ----------------------------------------------------------------------------- style lora
@@ -310,6 +345,10 @@ class StyleLoRA(Method):
     def sampler_kwargs(self, recipe):
         m, r = _base_recipe(recipe)
         return m.sampler_kwargs(r)
+
+    def guide(self, recipe, model, labels, w=None):
+        m, r = _base_recipe(recipe)
+        return m.guide(r, model, labels, w)  # as the teacher is guided (classifier-free guidance)
 
 
 register(LCMLoRA())
