@@ -264,3 +264,30 @@ def test_lcm_lora_of_a_discrete_time_eps_teacher(tmp_path):
         assert torch.isfinite(sample(loaded, run, 8, steps=4, cond=torch.arange(8) % 4)).all()
     finally:
         unregister("ddpm-cfg-test")
+
+
+def test_lcm_lora_and_style_lora_on_cifar10_latent_from_a_ddpm_cfg_teacher(tmp_path, monkeypatch):
+    """The latent path: ddpm-cfg teacher -> lcm-lora (its DDPM grid) and a one-class style LoRA -> combined, 2 steps."""
+    import math
+
+    from fewstep_lab import autoencoder as A
+    from fewstep_lab.pipeline import default_sigmas, make_domain
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    A.train_autoencoder(A.autoencoder_recipe("smoke", steps=10), checkpoint_path=tmp_path / "ae.pt", progress=False)
+    ae = {"autoencoder": str(tmp_path / "ae.pt")}
+    train_run(make_run("ddpm-cfg", "cifar10-latent", "smoke", steps=3, **ae), checkpoint_path=tmp_path / "t.pt",
+              progress=False)
+    train_run(make_run("lcm-lora", "cifar10-latent", "smoke", steps=3, **ae), teacher=tmp_path / "t.pt",
+              checkpoint_path=tmp_path / "acc.pt", progress=False)
+    train_run(make_run("lora", "cifar10-latent", "smoke", steps=3, classes=("cat", "dog"), **ae),
+              teacher=tmp_path / "t.pt", checkpoint_path=tmp_path / "style.pt", progress=False)
+    student, run = load_run(tmp_path / "acc.pt")
+    assert run.recipe.ddpm_schedule == "linear" and run.recipe.N == 1000 and student.ddpm_schedule == "linear"
+    x = torch.randn(4, *make_domain(run).shape)
+    assert torch.equal(student(x, run.recipe.sigma_min, torch.arange(4)), x)
+    both = combine(tmp_path / "t.pt", [(export_adapter(tmp_path / "acc.pt"), 1.0),
+                                       (export_adapter(tmp_path / "style.pt"), 1.0)])
+    assert both.ddpm_schedule == "linear" and both.adapter_names == ["acc", "style"]
+    r = make_domain(run).evaluate(both, "lcm", default_sigmas(run, 2), n=8, cond=torch.arange(8) % 10)
+    assert r.nfe == 2 and math.isfinite(r.fd_mean)
