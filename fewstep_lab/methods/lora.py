@@ -13,7 +13,9 @@ epsilon-network's ``DiscreteEpsDenoiser`` for a DDPM teacher):
     f(x, sigma, c) = b_skip(sigma) x + b_out(sigma) D_{theta + BA}(x, sigma, c),
 
 b_skip, b_out = the boundary part of ``precond.lcm_scalings`` (t = 10 (sigma - sigma_min); exactly 1
-and 0 at sigma_min, so f(x, sigma_min) = x). Which denoiser form D is, and its settings, are read from
+and 0 at sigma_min, so f(x, sigma_min) = x). A DDPM teacher (``ddpm-cfg``) is distilled as ``methods/lcm.py``
+does it, on its own grid: N = T levels, k timesteps, LCM's boundary of the teacher's timestep t(sigma)
+(``lcm_eps_scalings``), LCMScheduler's multistep grid. Which denoiser form D is, and its settings, are read from
 the teacher's run when training starts and stored in the recipe (``base``, ``base_recipe``: the
 teacher's method and its recipe as JSON), so ``load_run`` rebuilds the student from the checkpoint
 alone. A student that cannot see w learns ONE guidance scale: with w_min = w_max it distils the
