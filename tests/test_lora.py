@@ -192,6 +192,8 @@ def test_combination_in_four_steps_and_lambda_zero_is_the_wrapped_teacher(teache
     assert torch.allclose(sample(off, run, 16, steps=4, cond=labels), sample(acc_only, run, 16, steps=4, cond=labels),
                           atol=1e-5)
     assert all(not p.requires_grad for p in both.parameters())
+    with pytest.raises(ValueError, match="adapts a edm-cfg model"):
+        combine(tmp_path / "acc.pt", [(acc, 1.0)])  # an lcm-lora run is no base for its own adapter
     assert torch.equal(load_run(teacher)[0].net.inp.weight, t_model.net.inp.weight)  # the base is copied, not changed
 
 

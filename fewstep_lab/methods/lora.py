@@ -397,8 +397,11 @@ def combine(base, adapters, *, device="cpu") -> nn.Module:
         base = load_run(base)[0]
     model = copy.deepcopy(base).cpu()
     boundary, names = None, []
+    base_run = getattr(base, "fewstep_run", None)
     for path, lam in adapters:
         meta = read_adapter_meta(path)
+        if base_run is not None and meta.get("base") not in (None, base_run.method):
+            raise ValueError(f"{path} adapts a {meta.get('base')} model; the base given is a {base_run.method}")
         kind = "acc" if meta.get("kind") == "acceleration" else "style"
         name = kind if kind not in names else f"{kind}_{sum(n.startswith(kind) for n in names) + 1}"
         load_adapter(path, model, name, scale=lam)
