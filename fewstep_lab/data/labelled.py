@@ -116,7 +116,6 @@ def eight_gaussians_4class(radius: float = 0.7, std: float = 0.05) -> LabelledGa
     return LabelledGaussianMixture(means, torch.full((8,), std**2), torch.arange(8) % 4, name="8gaussians-4class")
 
 
-
 def eight_gaussians_4class_inner() -> LabelledGaussianMixture:
     """The same 8 modes and 4 classes on a smaller circle (radius 0.4): a "style" of 8gaussians-4class for a
     style LoRA (methods/lora.py) fine-tuned from a model of the original."""
