@@ -276,6 +276,6 @@ def _loop(model, net, emas, loss_fn, batch_fn, *, steps, lr, weight_decay, betas
             if checkpoint_path is not None and checkpoint_every and state.step % checkpoint_every == 0 and main:
                 save_checkpoint(checkpoint_path, state, meta)
                 saved_step = state.step
-    if checkpoint_path is not None and main:
+    if checkpoint_path is not None and main and saved_step != state.step:  # a finished run loaded is not rewritten
         save_checkpoint(checkpoint_path, state, meta)
     return state

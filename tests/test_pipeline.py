@@ -199,3 +199,14 @@ def test_teacher_rules():
         P.train_run(P.make_run("cd", "pinwheel", "smoke"), teacher="exact", progress=False)
     with pytest.raises(ValueError, match="unknown data"):
         P.make_run("cd", "mnist")
+
+
+def test_a_finished_image_run_is_loaded_not_retrained(tmp_path):
+    # Image recipes hold tuples (channel_mult, attn_resolutions) that a checkpoint's JSON stores as lists:
+    # load_or_train must still recognise its own run and load it (not train it afresh).
+    run = P.make_run("edm", "cifar10", "smoke", steps=2)
+    path = tmp_path / "edm.pt"
+    _, first = P.load_or_train(run, path, device="cpu", progress=False)
+    stamp = path.stat().st_mtime_ns
+    _, again = P.load_or_train(run, path, device="cpu", progress=False)
+    assert path.stat().st_mtime_ns == stamp and again.step == first.step == 2
