@@ -96,7 +96,7 @@ class GuidedEpsDenoiser(DiscreteEpsDenoiser):
 
 # cifar10-latent: the latent U-Net of the domain; smoke: seconds; cpu: about 4 minutes on 2 shared cores
 # (README, "Latent consistency models"); gpu: not yet measured.
-_LATENT = {"smoke": dict(steps=20), "cpu": dict(steps=2000, lr=2e-3), "gpu": dict(steps=100_000, lr=2e-4)}
+_LATENT = {"smoke": dict(steps=20), "cpu": dict(steps=800, lr=2e-3), "gpu": dict(steps=100_000, lr=2e-4)}
 
 
 class DDPMCFG(DDPM):

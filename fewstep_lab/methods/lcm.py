@@ -172,7 +172,7 @@ class LCM(Method):
     # Images (a ddpm-cfg teacher: N = 1000, k = 20 as LCM): w in [0, 4] (the course evaluates w = 0, 1, 3).
     # cifar10-latent cpu: about 3 minutes on 2 shared cores (README, "Latent consistency models"); gpu not measured.
     _IMG = dict(k=20, w_min=0.0, w_max=4.0)
-    _IMAGES = {"smoke": dict(_IMG, steps=8), "cpu": dict(_IMG, steps=400, lr=5e-4),
+    _IMAGES = {"smoke": dict(_IMG, steps=8), "cpu": dict(_IMG, steps=300, lr=5e-4),
                "gpu": dict(_IMG, steps=50_000, lr=1e-4)}
     profiles = {"toy2d": {"smoke": dict(_TOY, steps=60), "cpu": dict(_TOY, steps=1500, ema_decay=0.99),
                           "gpu": dict(_TOY, steps=6000, ema_decay=0.995)},
