@@ -10,6 +10,7 @@ load back through the registries: no pickled code ever runs. No paper: this is p
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def run_from_dict(d, *, source: str = "the checkpoint") -> Run:
 
 
 def _comparable(d: dict) -> dict:
-    """A stored run without the fields that may change on resume (training length)."""
+    """A stored run without the fields that may change on resume (training length), as JSON reads it back
+    (tuples become lists: a fresh run's tuple fields, e.g. channel_mult, must equal the stored lists)."""
+    d = json.loads(json.dumps(d))
     return {**d, "recipe": {k: v for k, v in d.get("recipe", {}).items() if k != "steps"}}
 
 
