@@ -12,6 +12,13 @@ training images themselves: the gap is what the autoencoder costs a latent model
 reproduced its training latents exactly. ``encode_images`` turns uint8 images into (scaled)
 latent means, optionally cached on disk outside the data folder, keyed by the autoencoder's
 weights and the images. No other paper: the rest is plumbing.
+
+Measured (cpu profile: 16x16x3 -> 4x8x8, 159k parameters, 1,200 steps of 32 images, one thread on
+a shared 2-core machine): test PSNR 26.1 dB (training images 25.9 dB); FD of 1,000 reconstructed
+training images 0.60 against 0.04 for the images themselves; scaling factor 0.545; encoding the
+10,000 training images took 6.9 s. The shipped classifier reads 16 px test images (repeated to
+32 px) right 34.7% of the time and their reconstructions 25.6% (``reference_accuracy`` of
+cifar10-latent): the ceiling for the accuracy of generated 16 px images.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ from .nets.autoencoder import KLAutoencoder, autoencoder_sizes
 from .recipes import Recipe, _finite, apply_overrides, recipe_from_fields
 
 __all__ = ["AutoencoderRecipe", "autoencoder_recipe", "build_autoencoder", "train_autoencoder", "load_autoencoder",
-           "load_or_train_autoencoder", "psnr", "reconstruct", "evaluate_autoencoder", "encode_images",
-           "autoencoder_key", "ENCODE_COUNT"]
+           "load_or_train_autoencoder", "autoencoder_recipe_of", "latent_std", "psnr", "reconstruct",
+           "evaluate_autoencoder", "encode_images", "autoencoder_key", "ENCODE_COUNT"]
 
 FORMAT = 1  # of the "autoencoder" entry of a checkpoint's metadata
 
@@ -102,8 +109,9 @@ def _sizes(p: str) -> dict:
 
 
 # Per profile: smoke = the shipped sample (400 images of the ten classes at 16 px), seconds;
-# cpu = 10,000 training images of the ten classes at 16 px, about two minutes on 2 cores;
-# gpu = all of CIFAR-10 at 32 px.
+# cpu = 10,000 training images of the ten classes at 16 px (0.07 s of CPU per step on one thread:
+# 1,200 steps took 172 s of wall time on the shared 2-core machine under a load of 4-8);
+# gpu = all of CIFAR-10 at 32 px (not measured here: no GPU).
 PROFILES = {
     "smoke": dict(_sizes("smoke"), source="sample", steps=20, batch_size=16, lr=2e-3),
     "cpu": dict(_sizes("cpu"), train_images=10_000, steps=1200, batch_size=32, lr=1e-3),

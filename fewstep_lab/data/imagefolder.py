@@ -139,8 +139,12 @@ class ImageFolderLatent(LatentDomain):
 
     @property
     def classes(self) -> list[str]:
-        """The class folder names (label k is classes[k]); [] for an unlabelled folder."""
-        self.images  # noqa: B018
+        """The class folder names (label k is classes[k]); [] for an unlabelled folder. Lists, decodes nothing."""
+        if self._classes is None:
+            folder = self.data_folder
+            if not folder.is_dir():
+                self.images  # noqa: B018  (raises the folder's error)
+            self._classes = _list(folder)[2]
         return self._classes
 
     @property

@@ -132,7 +132,7 @@ class LatentDomain(Domain):
 
     def __init__(self, recipe, *, root=None, autoencoder=None):
         super().__init__(recipe, root=root)
-        self._ae = autoencoder
+        self._ae, self._ae_recipe = autoencoder, None
         self._pixels = self._labels = self._latents = None
         self._classifier = self._reference = None
 
@@ -162,9 +162,10 @@ class LatentDomain(Domain):
         """The autoencoder's recipe (read from its checkpoint, or the default's), without loading weights."""
         from ..autoencoder import autoencoder_recipe_of
 
-        if self.recipe.autoencoder is not None:
-            return autoencoder_recipe_of(Path(self.recipe.autoencoder).expanduser())
-        return self.default_ae_recipe()
+        if self._ae_recipe is None:  # read once: shape is asked for at every batch
+            self._ae_recipe = (autoencoder_recipe_of(Path(self.recipe.autoencoder).expanduser())
+                               if self.recipe.autoencoder is not None else self.default_ae_recipe())
+        return self._ae_recipe
 
     @property
     def autoencoder(self):
