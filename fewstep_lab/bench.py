@@ -10,6 +10,13 @@ denoiser driving the teacher's sampler), which separates what the sampler loses 
 training loses. The ordering the paper reports (CD-1 better than PD-1 and DDIM-10, two steps
 better than one) is an outcome to check, not to force. Run: ``fewstep bench --profile cpu``.
 
+On labelled data (``8gaussians-4class``) the table is LCM's instead (Luo et al. 2023, Table 1:
+quality against steps at a fixed guidance scale): per-class sliced W2 (each class against its own
+distribution, mean over classes) at w = ``LCM_W`` for LCM-1/2/4, the exact guided teacher (Heun 35)
+and guided DDIM at 4/8 steps, and the ablations (skipping step k, a student distilled at one w,
+plain CD of the unguided teacher guided at sampling time). A guided call evaluates the conditional
+and unconditional denoiser in one batch of 2B: its NFE counts calls, the note says so.
+
 The table is data: ``MODELS`` (what is trained, through the one pipeline, with which method and
 recipe changes) and ``ROWS`` (which model is sampled with which sampler and steps). A new method
 is a new line in each.
@@ -31,7 +38,7 @@ from .pipeline import evaluate, load_run, make_domain, make_run, train_run
 from .profiles import get_device, get_profile
 
 __all__ = ["BenchSettings", "BENCH_SETTINGS", "BenchModel", "BenchRow", "MODELS", "ROWS", "run_bench", "format_table",
-           "result_row"]
+           "result_row", "LCM_MODELS", "LCM_ROWS", "LCM_W"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,10 @@ class BenchSettings:
 
 BENCH_SETTINGS = {
     "smoke": BenchSettings(n=500, seeds=3, datasets=("8gaussians",), ddpm_seeds=0),
-    "cpu": BenchSettings(n=20_000, seeds=3, datasets=("8gaussians", "checkerboard"), ddpm_seeds=1),
-    "gpu": BenchSettings(n=100_000, seeds=5, datasets=("8gaussians", "checkerboard"), ddpm_seeds=3),
+    "cpu": BenchSettings(n=20_000, seeds=3, datasets=("8gaussians", "checkerboard", "8gaussians-4class"),
+                         ddpm_seeds=1),
+    "gpu": BenchSettings(n=100_000, seeds=5, datasets=("8gaussians", "checkerboard", "8gaussians-4class"),
+                         ddpm_seeds=3),
 }
 
 
@@ -59,7 +68,7 @@ class BenchModel:
     method: str
     label: str  # may name recipe fields, e.g. "CT (mu0 = {mu0:g})"
     overrides: dict = field(default_factory=dict)
-    teacher: str | None = None
+    teacher: str | None = None  # a key above, or "exact" (the data's closed-form denoiser)
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class BenchRow:
     label: str | None = None  # None: the model's label
     note: str = ""
     seeds: str = "seeds"  # which BenchSettings field gives the number of seeds
+    w: float | None = None  # guidance scale (class-conditional models)
 
 
 MODELS = (
@@ -96,6 +106,33 @@ ROWS = (
     *(BenchRow(m.key, k) for m in MODELS[1:] for k in (1, 2)),
 )
 
+# LCM's table on labelled data, at one guidance scale.
+LCM_W = 3.0
+_LCM = "LCM (k = {k}, w in [{w_min:g}, {w_max:g}])"
+LCM_MODELS = (
+    BenchModel("teacher", "edm-cfg", "EDM-CFG teacher"),
+    BenchModel("lcm", "lcm", _LCM, teacher="teacher"),
+    BenchModel("lcm_exact", "lcm", _LCM + ", exact teacher", teacher="exact"),
+    BenchModel("lcm_k1", "lcm", _LCM, {"k": 1}, teacher="teacher"),
+    BenchModel("lcm_k20", "lcm", _LCM, {"k": 20}, teacher="teacher"),
+    BenchModel("lcm_w3", "lcm", "LCM distilled at w = {w_min:g} only", {"w_min": LCM_W, "w_max": LCM_W},
+               teacher="teacher"),
+    BenchModel("cd_cfg", "lcm", "CD of the unguided teacher, CFG at sampling",
+               {"guidance": "sampling", "w_min": 0.0, "w_max": 0.0, "p_uncond": 0.2}, teacher="teacher"),
+)
+_CFG = "guided: each call is one batch of 2B"
+LCM_ROWS = (
+    BenchRow("exact", 18, "heun", "perfect guided teacher, Heun", "exact mixture denoiser; " + _CFG, w=LCM_W),
+    *(BenchRow("exact", k, "euler", "perfect guided teacher, DDIM", "exact mixture denoiser; " + _CFG, w=LCM_W)
+      for k in (8, 4)),
+    BenchRow("teacher", 18, None, None, _CFG, w=LCM_W),
+    *(BenchRow("teacher", k, "euler", "EDM-CFG teacher, DDIM", _CFG, w=LCM_W) for k in (8, 4)),
+    *(BenchRow("lcm", k, w=LCM_W) for k in (1, 2, 4)),
+    *(BenchRow("lcm_exact", k, w=LCM_W) for k in (1, 2, 4)),
+    *(BenchRow(m, k, w=LCM_W) for m in ("lcm_k1", "lcm_k20", "lcm_w3") for k in (1, 4)),
+    *(BenchRow("cd_cfg", k, note=_CFG, w=LCM_W) for k in (1, 4)),
+)
+
 
 def result_row(label: str, res, note: str = "", train_seconds: float | None = None) -> dict:
     """A table row (a dict for format_table) from an EvalResult."""
@@ -104,13 +141,13 @@ def result_row(label: str, res, note: str = "", train_seconds: float | None = No
             "seconds_per_10k": res.seconds_per_10k}
 
 
-def _train_models(ds, profile, out: Path, device, log) -> dict:
+def _train_models(ds, profile, out: Path, device, log, models=MODELS) -> dict:
     """{key: (model, run, label, train seconds, checkpoint)} for every BenchModel, trained or resumed."""
     trained = {}
-    for m in MODELS:
+    for m in models:
         run = make_run(m.method, ds, profile, **m.overrides)
         path = out / f"{m.key}.pt"
-        teacher = trained[m.teacher][0] if m.teacher else None
+        teacher = "exact" if m.teacher == "exact" else trained[m.teacher][0] if m.teacher else None
         model, state = train_run(run, teacher=teacher, checkpoint_path=path, device=device, progress=False)
         label = m.label.format(**asdict(run.recipe))
         trained[m.key] = (model, run, label, state.seconds, path)
@@ -120,13 +157,14 @@ def _train_models(ds, profile, out: Path, device, log) -> dict:
 
 def _bench_dataset(ds: str, profile: str, s: BenchSettings, out: Path, device, log) -> list[dict]:
     seeds = tuple(range(s.seeds))
-    exact_run = make_run("edm", ds, profile)
-    domain = make_domain(exact_run)
-    floor = domain.floor(s.n, seeds)
-    rows = [{"method": "data vs data (noise floor)", "nfe": 0, "swd_mean": floor[0], "swd_std": floor[1],
-             "note": "two fresh samples of the truth"}]
-    trained = _train_models(ds, profile, out, device, log)
-    for row in ROWS:
+    domain = make_domain(make_run("edm", ds, profile))
+    labelled = getattr(domain, "num_classes", None) is not None
+    exact_run = make_run("edm-cfg" if labelled else "edm", ds, profile)
+    floor = domain.class_floor(s.n, seeds) if labelled else domain.floor(s.n, seeds)
+    rows = [{"method": "data vs data (noise floor)" + (", per class" if labelled else ""), "nfe": 0,
+             "swd_mean": floor[0], "swd_std": floor[1], "note": "two fresh samples of the truth"}]
+    trained = _train_models(ds, profile, out, device, log, LCM_MODELS if labelled else MODELS)
+    for row in LCM_ROWS if labelled else ROWS:
         k = getattr(s, row.seeds)
         if not k or (row.model == "exact" and domain.exact_denoiser is None):
             continue
@@ -140,7 +178,9 @@ def _bench_dataset(ds: str, profile: str, s: BenchSettings, out: Path, device, l
             label = row.label or label
             secs = None if row.sampler else secs
         note = row.note + (f"; {k} seed(s)" if row.seeds != "seeds" else "")
-        res = evaluate(model, run, steps=row.steps, sampler=row.sampler, n=s.n, seeds=tuple(range(k)), domain=domain)
+        res = evaluate(model, run, steps=row.steps, sampler=row.sampler, n=s.n, seeds=tuple(range(k)), domain=domain,
+                       w=row.w)
+        note = note + (f"; w = {row.w:g}, per class" if row.w is not None else "")
         rows.append(result_row(label, res, note, secs))
     log(f"  {ds}: {len(rows)} rows")
     for r in rows:

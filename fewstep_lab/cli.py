@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the method's own)")
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", type=int, default=None,
+                   help="class of a class-conditional model (default: samples cycle over the classes)")
+    p.add_argument("--w", type=float, default=None,
+                   help="guidance scale w of a class-conditional model (LCM convention: diffusers' guidance_scale "
+                        "= 1 + w; default: no guidance; an LCM needs one)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: best available)")
     p.add_argument("--out", required=True, help=".png (scatter plot or image grid), .npy, or .csv (2-D)")
 
@@ -72,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="*", default=None, help="sampling steps, several allowed")
     p.add_argument("--n", type=int, default=None, help="samples per seed (default: 50,000 for 2-D, 1,000 for images)")
     p.add_argument("--seeds", type=int, default=None, help="seeds (default: 3 for 2-D, 1 for images)")
+    p.add_argument("--w", type=float, default=None,
+                   help="guidance scale of a class-conditional model (scored per class on labelled 2-D data)")
 
     p = sub.add_parser("course", help="execute the notebooks headless, writing executed copies under runs/")
     p.add_argument("--profile", default=None, help=_PROFILE_HELP)

@@ -36,6 +36,8 @@ def _load(ckpt: str, profile=None, device=None):
 
     if ckpt.startswith("exact:"):
         run = make_run("edm", ckpt.split(":", 1)[1], profile)
+        if getattr(make_domain(run), "num_classes", None) is not None:
+            run = make_run("edm-cfg", ckpt.split(":", 1)[1], profile)  # labelled: a class-conditional teacher
         D = make_domain(run).exact_denoiser
         if D is None:
             raise ValueError(f"{ckpt}: {run.data_recipe.dataset!r} has no closed-form denoiser (it is sample-only); "
@@ -84,8 +86,9 @@ def cmd_sample(a) -> None:
     if a.steps is not None and a.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {a.steps}")
     D, run = _load(a.ckpt, device=a.device)
+    labels = _labels(a, run, a.n)
     x = sample(D, run, a.n, steps=a.steps, sampler=a.sampler, seed=a.seed, batch_size=256 if run.data != "toy2d"
-               else None)
+               else None, labels=labels, w=a.w)
     if out.suffix == ".csv" and x.ndim != 2:
         raise ValueError("--out .csv holds 2-D points; for images use .png or .npy")
     arr = x.numpy()
@@ -98,6 +101,25 @@ def cmd_sample(a) -> None:
         else:
             np.savetxt(fh, arr, delimiter=",", header="x,y", comments="")
     print(f"wrote {a.n} samples of {run.method} ({run.data}) to {out}")
+
+
+def _labels(a, run, n: int):
+    """--label C for one class; for a class-conditional model without --label, n labels cycling over classes."""
+    import torch
+
+    from .methods import get_method
+    from .pipeline import make_domain
+
+    if not get_method(run.method).needs_labels:
+        if a.label is not None or a.w is not None:
+            raise ValueError(f"{run.method} models are unconditional: drop --label and --w")
+        return None
+    k = make_domain(run).num_classes
+    if a.label is None:
+        return torch.arange(n) % k
+    if not 0 <= a.label < k:
+        raise ValueError(f"--label must be a class in 0..{k - 1}, got {a.label}")
+    return torch.full((n,), a.label, dtype=torch.long)
 
 
 def _save_png(arr, run, path) -> None:
@@ -123,6 +145,7 @@ def _save_png(arr, run, path) -> None:
 
 
 def cmd_eval(a) -> None:
+    from .methods import get_method
     from .pipeline import evaluate, make_domain
 
     if (a.seeds is not None and a.seeds < 1) or (a.n is not None and a.n < 2):
@@ -130,14 +153,18 @@ def cmd_eval(a) -> None:
     if any(s < 1 for s in a.steps or []):
         raise ValueError("--steps must be >= 1")
     D, run = _load(a.ckpt, a.profile, a.device)
+    if a.w is not None and not get_method(run.method).needs_labels:
+        raise ValueError(f"{run.method} models are unconditional: drop --w")
     domain = make_domain(run, root=a.root)
     n, seeds = a.n or domain.default_n, tuple(range(a.seeds or domain.default_seeds))
     print(f"{run.method} on {run.data} ({getattr(run.data_recipe, 'dataset', '') or run.data_recipe}), "
           f"n = {n}, {len(seeds)} seeds")
     for steps in a.steps or [None]:
-        res = evaluate(D, run, steps=steps, sampler=a.sampler, n=n, seeds=seeds, domain=domain, progress=True)
+        res = evaluate(D, run, steps=steps, sampler=a.sampler, n=n, seeds=seeds, domain=domain, progress=True,
+                       w=a.w)
         print(res.row())
-    floor = domain.floor(n, seeds)
+    floor = domain.class_floor(n, seeds) if hasattr(domain, "class_floor") and domain.num_classes else \
+        domain.floor(n, seeds)
     print(f"{'data vs data':>14} (noise floor)              {domain.metric} {floor[0]:.4f} ± {floor[1]:.4f}")
 
 

@@ -25,7 +25,7 @@ from .recipes import Run, apply_overrides, recipe_from_fields
 from .train import TrainState, load_checkpoint, read_checkpoint_meta, train
 
 __all__ = ["make_run", "make_domain", "build_model", "train_run", "load_or_train", "load_run", "load_teacher", "run_from_dict",
-           "default_sigmas", "sample", "evaluate", "RunMismatchError"]
+           "default_sigmas", "condition", "sample", "evaluate", "RunMismatchError"]
 
 
 class RunMismatchError(ValueError):
@@ -63,7 +63,7 @@ def build_model(run: Run, domain=None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.recipe.seed)
         options = method.net_options(run.recipe)
-        if method.needs_labels and "num_classes" not in options:  # (a method may bring its own label slots: lcf)
+        if method.uses_labels(run.recipe) and "num_classes" not in options:  # (a method may bring its own: lcf)
             # A method that trains on labels gets a class-conditional net (label num_classes = none).
             if getattr(domain, "num_classes", None) is None:
                 raise ValueError(f"{run.method} trains on class labels; {run.data} "
@@ -114,7 +114,8 @@ def _check_resume(path: Path, run: Run) -> None:
 def load_teacher(teacher, run: Run, domain=None):
     """A teacher denoiser for `run`: 'exact' (the data's closed-form denoiser), a checkpoint path, or a module.
 
-    A checkpoint must hold a diffusion teacher (a method with is_teacher) trained on the same data.
+    A checkpoint must hold a diffusion teacher (a method with is_teacher) trained on the same data (on the
+    same domain only, when the run's method has teacher_same_data = False: a style LoRA's base model).
     """
     if teacher is None or isinstance(teacher, nn.Module) or callable(teacher):
         return teacher
@@ -128,7 +129,8 @@ def load_teacher(teacher, run: Run, domain=None):
     if not get_method(t_run.method).is_teacher:
         raise ValueError(f"{teacher} holds a {t_run.method} model; {run.method} distils a diffusion teacher: "
                          f"train one with fewstep train --method edm --data ... and pass it as --teacher")
-    if t_run.data != run.data or not domain.same_data(t_run.data_recipe):
+    same = domain.same_data(t_run.data_recipe) or not get_method(run.method).teacher_same_data
+    if t_run.data != run.data or not same:
         raise ValueError(f"the teacher {teacher} was trained on other data ({t_run.data}: {t_run.data_recipe}) than "
                          f"this run asks for ({run.data}: {run.data_recipe}); use the same data and profile")
     return model
@@ -169,7 +171,7 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
 
     def train_once(model, loss_fn, ema_decays, *, recipe=None, tag=None):
         r = recipe or run.recipe
-        labels = method.needs_labels and getattr(domain, "num_classes", None) is not None  # lcf: unlabelled data too
+        labels = method.uses_labels(r) and getattr(domain, "num_classes", None) is not None  # lcf: unlabelled too
         batch_fn = domain.batch_fn(rank_batch_size(r.batch_size, world), device, labels=labels)
         return train(model, loss_fn, batch_fn, steps=r.steps, lr=r.lr, warmup=r.warmup, lr_schedule=r.lr_schedule,
                      grad_clip=r.grad_clip, ema_decays=ema_decays, seed=r.seed, device=device, bf16=domain.bf16,
@@ -179,6 +181,7 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
                      log_every=max(min(100, r.steps // 50), 1), progress=progress, distributed=distributed)
 
     model, state = method.fit(run.recipe, lambda: build_model(run, domain), teacher, train_once)
+    model.fewstep_run = run  # what the model is (a method may read its teacher's run: methods/lora.py)
     return model.eval(), state
 
 
@@ -197,6 +200,7 @@ def load_run(path, *, which: str = "ema", device="cpu") -> tuple[nn.Module, Run]
     run = run_from_dict(meta.get("run", meta.get("recipe")), source=str(path))
     model = build_model(run)
     load_checkpoint(path, model, which=which)
+    model.fewstep_run = run  # what the model is (a method may read its teacher's run: methods/lora.py)
     return model.to(device).eval().requires_grad_(False), run
 
 
@@ -215,23 +219,55 @@ def _sampling(run: Run, steps, sigmas, sampler):
     return name, grid, kwargs
 
 
+def condition(model, run: Run, labels, w: float | None = None):
+    """(D, cond) that samples the run's model for class `labels` (an int or (B,) long) at guidance w.
+
+    The method decides (``Method.guide``): a class-conditional teacher is wrapped in classifier-free
+    guidance (w None: the plain conditional model), LCM passes (labels, w) to its student.
+    """
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"class labels must be integers, got {labels.dtype}")
+        labels = labels.long()
+    return get_method(run.method).guide(run.recipe, model, labels, w)
+
+
 def sample(model, run: Run, n: int, *, steps: int | None = None, sigmas=None, sampler: str | None = None,
-           seed: int = 0, domain=None, batch_size: int | None = None, cond=None) -> torch.Tensor:
+           seed: int = 0, domain=None, batch_size: int | None = None, cond=None, labels=None,
+           w: float | None = None) -> torch.Tensor:
     """n samples of the run's model with its method's sampler and grid (or the ones given).
 
-    cond: the condition for a conditional model, batch-first (n labels; for LCM, (labels, w)).
+    labels (an int, or n ints) and w: the class and guidance scale of a class-conditional model
+    (see ``condition``). cond: a raw batch-first condition instead (n labels; for LCM, (labels, w)).
     """
     name, grid, kwargs = _sampling(run, steps, sigmas, sampler)
     domain = domain or make_domain(run)
+    if labels is not None or w is not None:
+        if cond is not None:
+            raise ValueError("give either labels/w or a raw cond, not both")
+        labels = None if labels is None else torch.as_tensor(labels).long().expand(n).contiguous()
+        model, cond = condition(model, run, labels, w)
     if cond is not None:
         kwargs["cond"] = cond
     return domain.generate(model, name, grid, n, seed=seed, batch_size=batch_size, **kwargs)
 
 
 def evaluate(model, run: Run, *, steps: int | None = None, sigmas=None, sampler: str | None = None, n=None,
-             seeds=(0, 1, 2), domain=None, progress: bool = False, root=None):
-    """The domain's metric (sliced W2 for 2-D, FD for images) of the model's samples, mean ± std over seeds."""
+             seeds=(0, 1, 2), domain=None, progress: bool = False, root=None, w: float | None = None):
+    """The domain's metric (sliced W2 for 2-D, FD for images) of the model's samples, mean ± std over seeds.
+
+    A class-conditional model (guided at w, see ``condition``) is scored per class on labelled 2-D
+    data (``evaluate_classes``: each class against its own distribution, mean over classes) and on
+    class-balanced labels elsewhere.
+    """
     name, grid, kwargs = _sampling(run, steps, sigmas, sampler)
     domain = domain or make_domain(run, root=root)
+    if get_method(run.method).needs_labels:
+        n = n or domain.default_n
+        if hasattr(domain, "evaluate_classes"):
+            return domain.evaluate_classes(lambda labels: condition(model, run, labels, w), name, grid, n=n,
+                                           seeds=tuple(seeds), progress=progress, **kwargs)
+        model, kwargs["cond"] = condition(model, run, torch.arange(n) % domain.num_classes, w)
     return domain.evaluate(model, name, grid, n=n or domain.default_n, seeds=tuple(seeds), progress=progress,
                            **kwargs)

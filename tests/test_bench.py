@@ -60,3 +60,21 @@ def test_second_run_resumes_from_the_checkpoints(smoke_run):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="seeds >= 1"):
         bench.run_bench("smoke", seeds=0)
+
+
+def test_labelled_data_get_lcm_s_table_with_its_ablations(tmp_path):
+    rows = bench.run_bench("smoke", datasets=["8gaussians-4class"], n=200, seeds=1, out_dir=tmp_path, device="cpu",
+                           log=lambda *_: None)
+    by = {(r["method"], r.get("steps")): r for r in rows}
+    assert rows[0]["method"] == "data vs data (noise floor), per class"
+    lcm = make_run("lcm", "8gaussians-4class", "smoke").recipe
+    main = f"LCM (k = {lcm.k}, w in [{lcm.w_min:g}, {lcm.w_max:g}])"
+    for steps in (1, 2, 4):
+        assert (main, steps) in by and (main + ", exact teacher", steps) in by
+    for label in (f"LCM (k = 1, w in [{lcm.w_min:g}, {lcm.w_max:g}])", f"LCM (k = 20, w in [{lcm.w_min:g}, "
+                  f"{lcm.w_max:g}])", "LCM distilled at w = 3 only", "CD of the unguided teacher, CFG at sampling"):
+        assert {(label, 1), (label, 4)} <= set(by), label
+    assert by[("perfect guided teacher, Heun", 18)]["nfe"] == 35
+    assert {("perfect guided teacher, DDIM", 4), ("EDM-CFG teacher, DDIM", 8)} <= set(by)
+    for r in rows[1:]:
+        assert "w = 3, per class" in r["note"] and math.isfinite(r["swd_mean"])

@@ -1,7 +1,7 @@
 """What a data domain is: training batches, the network that fits the data, and how samples are scored.
 
 A domain is a class registered by name (``toy2d``: every 2-D dataset, with the exact mixture
-denoisers; ``cifar10``: CIFAR-10 pixels at 32 or 16 px; room for ``cifar10-latent``). An
+denoisers; ``cifar10``: CIFAR-10 pixels at 32 or 16 px; ``cifar10-latent`` and ``imagefolder:PATH``: latents of a KL autoencoder, decoded for evaluation). An
 instance wraps one data recipe and says:
 
 - ``shape``: the shape of one sample; ``noise(n, generator)``: standard normal draws of it;
@@ -67,7 +67,8 @@ class Domain:
         fn, grid = get_sampler(sampler), torch.as_tensor(sigmas, dtype=torch.float64)
         if device is None:
             params = getattr(D, "parameters", None)
-            device = next(params()).device if callable(params) else torch.device("cpu")
+            p = next(params(), None) if callable(params) else None
+            device = p.device if p is not None else torch.device("cpu")
         g, out, batch_size = torch.Generator().manual_seed(seed), [], batch_size or n
         cond = sampler_kwargs.pop("cond", None)
         for i in range(0, n, batch_size):

@@ -13,10 +13,15 @@ says, and nothing else in the package does:
 - ``teacher``: ``"none"`` or ``"denoiser"`` (distillation), and ``is_teacher``: whether its
   models may serve as a teacher;
 - ``needs_labels``: whether it trains on class labels (its loss then receives ``(x0, labels)``
-  and its network is built with the domain's ``num_classes``);
+  and its network is built with the domain's ``num_classes``); ``uses_labels(recipe)``: the same,
+  per run (a method whose network mirrors its teacher's, such as a LoRA, decides from the recipe);
+- ``teacher_same_data``: whether a checkpoint teacher must come from the run's data (False: a base
+  model of the same domain trained on other data, e.g. a style LoRA's);
 - ``sampler(recipe)``, ``sigmas(recipe, steps)``, ``sampler_kwargs(recipe)``,
   ``default_steps(recipe)`` and ``nfe(recipe, sigmas)``: its default sampling and its cost;
-- ``fit(...)``: how training is organised (one call of the train loop by default; rounds for PD).
+- ``fit(...)``: how training is organised (one call of the train loop by default; rounds for PD);
+- ``guide(recipe, model, labels, w)``: the (denoiser, cond) that samples class ``labels`` at guidance
+  scale ``w`` (a class-conditional teacher is wrapped in classifier-free guidance; LCM takes w as input).
 
 The pipeline (``pipeline.py``) composes a method with a data domain; neither knows the other.
 No paper: this is the contract.
@@ -79,6 +84,11 @@ class Method:
     teacher: str = "none"  # "none" | "denoiser"
     is_teacher: bool = False
     needs_labels: bool = False  # True: batches are (x0, labels) and the net is class-conditional
+    teacher_same_data: bool = True  # False: the teacher may be trained on other data of the same domain
+
+    def uses_labels(self, recipe) -> bool:
+        """Whether this run trains on labels (and builds a class-conditional net); default: needs_labels."""
+        return self.needs_labels
 
     # ---------------------------------------------------------------- recipe
     def table(self, domain: str, profile: str) -> dict:
@@ -135,6 +145,23 @@ class Method:
 
     def nfe(self, recipe, sigmas) -> int:
         return sampler_nfe(self.sampler(recipe), sigmas)
+
+    def guide(self, recipe, model, labels, w=None):
+        """(D, cond) to sample `model` for class `labels` ((B,) long) at guidance scale w (None: no guidance).
+
+        A class-conditional model without a w input is guided by classifier-free guidance
+        (``guidance.CFGDenoiser``: D(∅) + (1 + w)(D(c) - D(∅)), one batched call of 2B); an
+        unconditional model refuses labels and w.
+        """
+        if not self.needs_labels:
+            if labels is not None or w is not None:
+                raise ValueError(f"{self.name} models are unconditional: they take no class labels nor guidance w")
+            return model, None
+        from ..guidance import CFGDenoiser, null_label_of
+
+        if labels is None:
+            raise ValueError(f"{self.name} models are class-conditional: give class labels (--label C)")
+        return (model, labels) if w is None else (CFGDenoiser(model, float(w), null_label_of(model)), labels)
 
     def __repr__(self) -> str:
         return f"<method {self.name!r}: {type(self).__name__}>"
