@@ -116,6 +116,11 @@ def test_an_lcm_of_8_classes_fine_tuned_on_the_other_2(latent, tmp_path):
               checkpoint_path=tmp_path / "lcm.pt", progress=False)
     run = make_run("lcf", "cifar10-latent", "smoke", steps=3, classes=new, init=str(tmp_path / "lcm.pt"), **data)
     model, state = train_run(run, checkpoint_path=tmp_path / "lcf.pt", progress=False)
+    # A longer run of the same LCF extends the checkpoint (tuple fields such as classes and channel_mult compare
+    # equal to the JSON lists stored in it).
+    longer = make_run("lcf", "cifar10-latent", "smoke", steps=5, classes=new, init=str(tmp_path / "lcm.pt"), **data)
+    _, state = train_run(longer, checkpoint_path=tmp_path / "lcf.pt", progress=False)
+    assert state.step == 5
     loaded, loaded_run = load_run(tmp_path / "lcf.pt")
     assert loaded_run.recipe.num_classes == 10 and loaded_run.data_recipe.classes == new
     labels = torch.tensor([8, 9, 8, 9])  # the new classes' own label slots (never trained in the LCM)

@@ -3,8 +3,7 @@
     diffusion.py    edm (EDM teacher), ddpm (DDPM epsilon-prediction)
     consistency.py  cd, ct, ict (consistency distillation / training / improved training)
     progressive.py  pd (progressive distillation)
-    guided.py       edm-cfg (class-conditional EDM teacher with label dropout, for guidance)
-    guided.py also  ddpm-cfg (class-conditional DDPM epsilon teacher, LCM's Stable-Diffusion-like teacher)
+    guided.py       edm-cfg, ddpm-cfg (class-conditional EDM / DDPM-epsilon teachers with label dropout, for guidance)
     lcm.py          lcm (latent consistency distillation of a guided teacher)
     lcf.py          lcf (latent consistency fine-tuning of an LCM on new data, no teacher)
     lora.py         lcm-lora (LCD into a LoRA of the teacher), lora (style LoRA); combine, export_adapter

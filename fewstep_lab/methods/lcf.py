@@ -83,6 +83,9 @@ class LCF(LCM):
         if run.method != "lcm":
             raise ValueError(f"lcf: {recipe.init} holds a {run.method} model, not an lcm one; LCF fine-tunes a "
                              "distilled LCM (fewstep train --method lcm --teacher ...)")
+        if getattr(run.recipe, "guidance", "input") != "input":
+            raise ValueError(f"lcf: {recipe.init} is an LCM without a w input (guidance={run.recipe.guidance!r}); "
+                             "LCF fine-tunes an LCM that takes w (guidance='input')")
         return run
 
     def prepare_run(self, run, domain):
