@@ -161,8 +161,7 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
     teacher = load_teacher(teacher, run, domain)
     if isinstance(teacher, nn.Module):
         teacher = teacher.to(device).eval().requires_grad_(False)
-    if hasattr(method, "prepare_run"):  # a method that starts from another run's checkpoint (lcf) reads it here
-        run = method.prepare_run(run, domain)
+    run = method.prepare_run(run, domain)  # e.g. a method starting from another run's checkpoint (lcf) reads it
     run = replace(run, recipe=method.prepare(run.recipe, teacher))
     path = None if checkpoint_path is None else Path(checkpoint_path)
     if path is not None and not restart:

@@ -19,6 +19,8 @@ says, and nothing else in the package does:
   model of the same domain trained on other data, e.g. a style LoRA's);
 - ``sampler(recipe)``, ``sigmas(recipe, steps)``, ``sampler_kwargs(recipe)``,
   ``default_steps(recipe)`` and ``nfe(recipe, sigmas)``: its default sampling and its cost;
+- ``prepare_run(run, domain)`` and ``prepare(recipe, teacher)``: the run and recipe to train, once the data
+  and the teacher are known (LCF reads its init checkpoint; LCM reads a DDPM teacher's grid);
 - ``fit(...)``: how training is organised (one call of the train loop by default; rounds for PD);
 - ``guide(recipe, model, labels, w)``: the (denoiser, cond) that samples class ``labels`` at guidance
   scale ``w`` (a class-conditional teacher is wrapped in classifier-free guidance; LCM takes w as input).
@@ -101,6 +103,10 @@ class Method:
 
     def build(self, recipe, net: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def prepare_run(self, run, domain):
+        """The run to train, given the data domain, before any teacher is read (lcf reads its init checkpoint)."""
+        return run
 
     def prepare(self, recipe, teacher):
         """The recipe to train with, given the teacher (e.g. no weight copy from a weightless teacher)."""
