@@ -7,6 +7,7 @@
     fewstep bench  --profile cpu
     fewstep course --profile smoke
     fewstep data   cifar10 [--download]
+    fewstep autoencoder --data cifar10 --profile cpu --out runs/checkpoints/ae.pt   (latent diffusion's first stage)
 
 Any registered method trains on any data domain through the one pipeline (``pipeline.py``).
 Arguments are turned into recipe fields here and nowhere else. Every failure is one line,
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--method", required=True, choices=sorted(METHODS), help="a registered method")
     p.add_argument("--data", "--dataset", dest="data", default="8gaussians",
-                   help="a data domain (toy2d, cifar10) or a toy dataset name (8gaussians, checkerboard, ...)")
+                   help="a data domain (toy2d, cifar10, cifar10-latent), imagefolder:PATH (a folder of your images, "
+                        "seen through an autoencoder), or a toy dataset name (8gaussians, checkerboard, ...)")
     p.add_argument("--teacher", default=None,
                    help="for distillation (cd, pd): a diffusion teacher's checkpoint, or 'exact' (toy mixtures)")
     p.add_argument("--steps", type=int, default=None, help="override the profile's number of training steps")
@@ -96,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--out", default="runs/bench")
 
+    p = sub.add_parser("autoencoder", help="train a KL autoencoder on CIFAR-10 (for latent diffusion); "
+                                          "prints its PSNR and the FD of reconstructions")
+    _add_run_args(p)
+    p.add_argument("--data", default="cifar10", choices=["cifar10"], help="the images (CIFAR-10, as the profile picks)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override an AutoencoderRecipe field, e.g. --set steps=500 (repeatable)")
+    p.add_argument("--out", required=True, help="checkpoint path (resumed if it holds this autoencoder)")
+    p.add_argument("--restart", action="store_true", help="start afresh, replacing the checkpoint")
+    p.add_argument("--n", type=int, default=1000, help="images for PSNR and FD (default 1,000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("data", help="where the datasets are found; --download fetches CIFAR-10 (needs internet)")
     p.add_argument("name", choices=["cifar10"])
     p.add_argument("--root", default=None, help="dataset folder (default: $FEWSTEP_DATA or the usual places)")
@@ -107,7 +120,8 @@ def _handlers():
     from . import commands
 
     return {"train": commands.cmd_train, "sample": commands.cmd_sample, "eval": commands.cmd_eval,
-            "course": commands.cmd_course, "bench": commands.cmd_bench, "data": commands.cmd_data}
+            "course": commands.cmd_course, "bench": commands.cmd_bench, "data": commands.cmd_data,
+            "autoencoder": commands.cmd_autoencoder}
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cmd_train", "cmd_sample", "cmd_eval", "cmd_course", "cmd_bench", "cmd_data", "check_output_path"]
+__all__ = ["cmd_train", "cmd_sample", "cmd_eval", "cmd_course", "cmd_bench", "cmd_data", "cmd_autoencoder",
+           "check_output_path"]
 
 
 def check_output_path(path, suffixes=None) -> Path:
@@ -208,3 +209,26 @@ def cmd_data(a) -> None:
         print(f"downloaded CIFAR-10 to {root}")
         return
     print(f"CIFAR-10 found at {images.find_cifar10(a.root)}")
+
+
+def cmd_autoencoder(a) -> None:
+    from .autoencoder import autoencoder_recipe, evaluate_autoencoder, train_autoencoder
+    from .profiles import get_profile
+    from .recipes import apply_overrides, parse_assignment
+
+    out = check_output_path(a.out)
+    if a.n < 2:
+        raise ValueError(f"--n must be >= 2, got {a.n}")
+    profile = get_profile(a.profile)
+    recipe = autoencoder_recipe(profile)
+    for text in a.set:
+        _, name, value = parse_assignment(text, [recipe])
+        recipe = apply_overrides(recipe, {name: value})
+    ae = train_autoencoder(recipe, checkpoint_path=out, progress=not a.quiet, root=a.root, restart=a.restart,
+                           device=a.device, checkpoint_every=max(recipe.steps // 10, 1))
+    ev = evaluate_autoencoder(ae, recipe, n=a.n, root=a.root)
+    c, h, w = ae.latent_shape
+    print(f"autoencoder on {a.data} ({profile} profile): {recipe.resolution}x{recipe.resolution}x3 -> {c}x{h}x{w}, "
+          f"scaling factor {float(ae.scaling_factor):.4f}; checkpoint {out}")
+    print(f"PSNR {ev['psnr']:.2f} dB on {ev['n_test']} test images ({ev['psnr_train']:.2f} dB on training images); "
+          f"FD of {ev['n']} reconstructions {ev['fd_recon']:.4f} vs {ev['fd_floor']:.4f} for the images themselves")

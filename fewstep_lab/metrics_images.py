@@ -36,7 +36,7 @@ from .data.images import find_cifar10, from_model_range, load_cifar10, resolve_c
 from .nets.classifier import CifarClassifier
 
 __all__ = ["CLASSIFIER_WEIGHTS", "classifier_info", "load_fd_classifier", "frechet_distance",
-           "feature_stats", "cifar10_stats", "fd", "fid"]
+           "feature_stats", "cifar10_stats", "fd", "fid", "classifier_accuracy"]
 
 CLASSIFIER_WEIGHTS = Path(__file__).resolve().parent / "assets" / "cifar10_classifier.safetensors"
 INCEPTION_ENV = "FEWSTEP_INCEPTION_WEIGHTS"
@@ -239,6 +239,34 @@ def fd(samples, reference_stats=None, *, classifier: CifarClassifier | None = No
         reference_stats = cifar10_stats("train", classifier=classifier, batch_size=batch_size)
     mu, cov = feature_stats(samples, classifier, batch_size)
     return frechet_distance(mu, cov, *reference_stats)
+
+
+@torch.no_grad()
+def classifier_accuracy(images, labels, *, classifier: CifarClassifier | None = None, batch_size: int = 500) -> float:
+    """The fraction of images the shipped classifier assigns to their label: a class-fidelity score.
+
+    For class-conditional generation this plays the part a CLIP score plays for text-to-image
+    models (Hessel et al. 2021): how often a sample shows the class it was asked for. ``images``
+    (N, 3, 32, 32) uint8 or float in [-1, 1] (quantised as saved), ``labels`` (N,) CIFAR-10
+    class indices 0..9. Bounded above by the classifier's own accuracy on real images.
+    """
+    classifier = load_fd_classifier() if classifier is None else classifier
+    if classifier.training:
+        raise ValueError("the classifier is in training mode; call classifier.eval() first")
+    labels = torch.as_tensor(labels).long().cpu()
+    images = torch.as_tensor(images)
+    if labels.ndim != 1 or len(labels) != len(images) or len(labels) == 0:
+        raise ValueError(f"need one label per image, got {tuple(labels.shape)} labels for {len(images)} images")
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError("labels must be CIFAR-10 class indices 0..9 (drop the 'no label' entries first)")
+    device = next(classifier.parameters()).device
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        x = to_model_range(_to_uint8(images[i:i + batch_size]))
+        if x.shape[-2:] != (32, 32):
+            raise ValueError(f"the classifier reads 32x32 CIFAR-10 images, got {tuple(x.shape)}")
+        correct += int((classifier(x.to(device)).argmax(1).cpu() == labels[i:i + batch_size]).sum())
+    return correct / len(labels)
 
 
 # ----------------------------------------------------------------------------- real FID

@@ -169,3 +169,34 @@ def test_cli_train_and_eval_on_cifar10(tmp_path, capsys, monkeypatch):
     png = tmp_path / "grid.png"
     assert main(["sample", "--ckpt", str(cd), "--n", "8", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_class_labels_match_the_data_and_unconditional_batches_are_unchanged(domain):
+    """Labels are CIFAR-10 class indices of the images; batch_fn(labels=False) draws exactly the old batches."""
+    from fewstep_lab.data.images import load_cifar10, random_batch
+
+    assert Cifar10.num_classes == 10
+    images, labels = load_images(domain.recipe, with_labels=True)
+    assert torch.equal(images, domain.images) and torch.equal(labels, domain.labels)
+    assert labels.dtype == torch.long and set(labels.tolist()) == {1}  # smoke: 'automobile' only
+    # all classes at 16 px: the sample holds 40 training images of each, and each label is its image's
+    full, full_labels = load_cifar10("sample", "train")
+    every = P.make_run("edm", "cifar10", "smoke", classes=None, train_images=None).data_recipe
+    im, lab = load_images(every, with_labels=True)
+    assert torch.bincount(lab, minlength=10).tolist() == torch.bincount(full_labels, minlength=10).tolist()
+    assert torch.equal(lab, full_labels)
+    assert torch.equal(im.float(), torch.nn.functional.avg_pool2d(full.float(), 2).round())
+    two = P.make_run("edm", "cifar10", "smoke", classes=("cat", "ship"), train_images=30).data_recipe
+    im2, lab2 = load_images(two, with_labels=True)
+    assert len(im2) == len(lab2) == 30 and set(lab2.tolist()) <= {3, 8}
+    for x, y in zip(im2, lab2):  # each image sits in the full set under its own label
+        match = (torch.nn.functional.avg_pool2d(full.float(), 2).round() == x.float()).flatten(1).all(1)
+        assert full_labels[match][0] == y
+    # unconditional batches: the same as before labels existed (zeros as labels, same generator use)
+    g0, g1 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    old, _ = random_batch(domain.images, torch.zeros(len(domain.images), dtype=torch.long), 8, g0)
+    assert torch.equal(domain.batch_fn(8)(g1), old)
+    x, y = domain.batch_fn(8, labels=True)(torch.Generator().manual_seed(3))
+    assert torch.equal(x, old) and y.shape == (8,) and set(y.tolist()) == {1}
+    net = domain.make_net(num_classes=10)
+    assert net.num_classes == 10 and domain.make_net().num_classes is None

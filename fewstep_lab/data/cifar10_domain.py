@@ -63,8 +63,13 @@ class Cifar10Recipe(Recipe):
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
 
-def load_images(recipe: Cifar10Recipe, split: str = "train", *, root=None, cache_dir=None) -> torch.Tensor:
-    """The recipe's images as (N, 3, R, R) uint8: its classes, its resolution (2x2 average pooling), its count."""
+def load_images(recipe: Cifar10Recipe, split: str = "train", *, root=None, cache_dir=None,
+                with_labels: bool = False):
+    """The recipe's images as (N, 3, R, R) uint8: its classes, its resolution (2x2 average pooling), its count.
+
+    With ``with_labels``, ``(images, labels)``: labels (N,) int64 are the CIFAR-10 class indices
+    0..9 (``CLASSES`` order, also when the recipe keeps only some classes).
+    """
     k = 10 if recipe.classes is None else len(recipe.classes)
     n = recipe.train_images if split == "train" else None
     # load_cifar10's limit is class-balanced: 10 * ceil(n / k) holds ceil(n / k) of each wanted class.
@@ -72,11 +77,12 @@ def load_images(recipe: Cifar10Recipe, split: str = "train", *, root=None, cache
     root = "sample" if recipe.source == "sample" else root
     images, labels = load_cifar10(root, split, cache_dir=cache_dir, limit=limit)
     if recipe.classes is not None:
-        images = images[torch.isin(labels, torch.tensor([CLASSES.index(c) for c in recipe.classes]))]
-    images = images[:n]
+        keep = torch.isin(labels, torch.tensor([CLASSES.index(c) for c in recipe.classes]))
+        images, labels = images[keep], labels[keep]
+    images, labels = images[:n], labels[:n]
     if recipe.resolution == 16:
         images = nn.functional.avg_pool2d(images.float(), 2).round().to(torch.uint8)
-    return images.contiguous()
+    return (images.contiguous(), labels.long().contiguous()) if with_labels else images.contiguous()
 
 
 def image_grid(x: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
@@ -131,9 +137,13 @@ class Cifar10(Domain):
         "gpu": dict(batch_size=512, warmup=5000, ema_halflife_kimg=500.0, ema_rampup=0.05),
     }
 
-    def __init__(self, recipe, *, root=None, images: torch.Tensor | None = None):
+    num_classes = 10  # CIFAR-10 class indices 0..9; label 10 is "no label" (classifier-free guidance)
+
+    def __init__(self, recipe, *, root=None, images: torch.Tensor | None = None, labels: torch.Tensor | None = None):
         super().__init__(recipe, root=root)
-        self._images = images
+        if labels is not None and (images is None or len(labels) != len(images)):
+            raise ValueError("labels= needs images= of the same length")
+        self._images, self._labels = images, labels
         self._classifier = self._reference = None
 
     @property
@@ -144,8 +154,21 @@ class Cifar10(Domain):
     def images(self) -> torch.Tensor:
         """The training images (N, 3, R, R) uint8, loaded on first use."""
         if self._images is None:
-            self._images = load_images(self.recipe, root=self.root)
+            self._images, self._labels = load_images(self.recipe, root=self.root, with_labels=True)
         return self._images
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The training images' CIFAR-10 class indices (N,) int64 (0..9), loaded with the images."""
+        if self._labels is None:
+            if self._images is not None:  # images given without labels: read them from the data
+                images, labels = load_images(self.recipe, root=self.root, with_labels=True)
+                if not torch.equal(images, self._images):
+                    raise ValueError("the images given to this domain are not the recipe's: pass labels= too")
+                self._labels = labels
+            else:
+                self.images  # noqa: B018  (loads both)
+        return self._labels
 
     default_n, default_seeds, metric = 1000, 1, "FD"
 
@@ -158,21 +181,25 @@ class Cifar10(Domain):
         return torch.channels_last if self.recipe.channels_last else torch.contiguous_format
 
     def batch_fn(self, batch_size: int, device="cpu", *, labels: bool = False):
+        """fn(generator) -> x0 (B, 3, R, R) in [-1, 1], flipped at random; with labels, (x0, class indices)."""
         images = self.images
-        ys = torch.zeros(len(images), dtype=torch.long)  # class labels: not kept by load_images yet
-        if labels:
-            raise ValueError("class labels are not available in the cifar10 domain yet (unconditional models)")
+        ys = self.labels if labels else torch.zeros(len(images), dtype=torch.long)
 
         def fn(g):
-            x, _ = random_batch(images, ys, batch_size, g)
-            return x.to(device).contiguous(memory_format=self.memory_format)
+            x, y = random_batch(images, ys, batch_size, g)
+            x = x.to(device).contiguous(memory_format=self.memory_format)
+            return (x, y.to(device)) if labels else x
         return fn
 
-    def make_net(self, *, noise_scale: float = 1.0, dropout: float | None = None):
+    def make_net(self, *, noise_scale: float = 1.0, dropout: float | None = None, num_classes: int | None = None,
+                 guidance_embed: bool = False):
+        """The U-Net; num_classes: class-conditional (label num_classes = no label); guidance_embed: takes w too."""
         r = self.recipe
+        extra = {"guidance_embed": True} if guidance_embed else {}  # only nets that embed w take the argument
         net = UNet(resolution=r.resolution, model_channels=r.model_channels, channel_mult=r.channel_mult,
                    num_blocks=r.num_blocks, attn_resolutions=r.attn_resolutions,
-                   dropout=r.dropout if dropout is None else dropout, emb_scale=noise_scale)
+                   dropout=r.dropout if dropout is None else dropout, emb_scale=noise_scale,
+                   num_classes=num_classes, **extra)
         # channels_last (NHWC) lets cuDNN use tensor-core convolution kernels without transposes.
         return net.to(memory_format=torch.channels_last) if r.channels_last else net
 

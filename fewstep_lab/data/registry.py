@@ -13,7 +13,7 @@ __all__ = ["DOMAINS", "register_domain", "get_domain", "resolve_data"]
 
 
 def _builtins() -> None:
-    from . import cifar10_domain, toy2d_domain  # noqa: F401  (each registers itself)
+    from . import cifar10_domain, imagefolder, latent_domain, toy2d_domain  # noqa: F401  (each registers itself)
 
 
 def get_domain(name: str) -> type:
@@ -27,10 +27,20 @@ def get_domain(name: str) -> type:
 def resolve_data(spec: str) -> tuple[str, dict]:
     """A --data word -> (domain name, data recipe overrides).
 
-    A domain name ('toy2d', 'cifar10') takes the profile's defaults; a toy dataset name
-    ('8gaussians', 'checkerboard', ...) is the toy2d domain with that dataset.
+    A domain name ('toy2d', 'cifar10', 'cifar10-latent') takes the profile's defaults; a toy dataset
+    name ('8gaussians', 'checkerboard', ...) is the toy2d domain with that dataset; 'imagefolder:PATH'
+    is the imagefolder domain on that folder (stored as an absolute path).
     """
     _builtins()
+    if spec.startswith("imagefolder:"):
+        from pathlib import Path
+
+        folder = spec.split(":", 1)[1].strip()
+        if not folder:
+            raise ValueError("imagefolder: needs a folder, e.g. --data imagefolder:path/to/images")
+        return "imagefolder", {"folder": str(Path(folder).expanduser().resolve())}
+    if spec == "imagefolder":
+        raise ValueError("the imagefolder domain needs a folder: --data imagefolder:PATH")
     if spec in DOMAINS:
         return spec, {}
     from .toy2d import DATASETS
@@ -38,4 +48,4 @@ def resolve_data(spec: str) -> tuple[str, dict]:
     if spec in DATASETS:
         return "toy2d", {"dataset": spec}
     raise ValueError(f"unknown data {spec!r}; choose a domain ({', '.join(sorted(DOMAINS))}) or a toy dataset "
-                     f"({', '.join(sorted(DATASETS))})")
+                     f"({', '.join(sorted(DATASETS))}) or imagefolder:PATH")
