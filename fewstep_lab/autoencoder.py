@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .data.images import CLASSES, to_model_range
+from .data.images import to_model_range
 from .io import FileLock, LockedError
 from .nets.autoencoder import KLAutoencoder, autoencoder_sizes
-from .recipes import Recipe, _finite, apply_overrides, recipe_from_fields
+from .data.cifar10_domain import CifarImagesRecipe
+from .recipes import _finite, apply_overrides, recipe_from_fields
 
 __all__ = ["AutoencoderRecipe", "autoencoder_recipe", "build_autoencoder", "train_autoencoder", "load_autoencoder",
            "load_or_train_autoencoder", "autoencoder_recipe_of", "latent_std", "psnr", "reconstruct",
@@ -44,13 +45,9 @@ FORMAT = 1  # of the "autoencoder" entry of a checkpoint's metadata
 
 
 @dataclass(frozen=True)
-class AutoencoderRecipe(Recipe):
+class AutoencoderRecipe(CifarImagesRecipe):
     """Which images (as Cifar10Recipe), the autoencoder's sizes, its loss weights and its optimisation."""
 
-    classes: tuple[str, ...] | None = None
-    resolution: int = 32
-    train_images: int | None = None
-    source: str = "auto"
     latent_channels: int = 4
     channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -64,15 +61,8 @@ class AutoencoderRecipe(Recipe):
     grad_clip: float | None = 1.0
     seed: int = 0
 
-    def choices(self) -> dict:
-        return {"source": ("auto", "sample"), "resolution": (16, 32)}
-
     def check(self) -> None:
         super().check()
-        if self.classes is not None and (not self.classes or set(self.classes) - set(CLASSES)):
-            raise ValueError(f"classes must be None or names from {CLASSES}, got {self.classes}")
-        if self.train_images is not None and (not isinstance(self.train_images, int) or self.train_images < 1):
-            raise ValueError(f"train_images must be None or an integer >= 1, got {self.train_images!r}")
         for name in ("latent_channels", "channels", "num_blocks", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")

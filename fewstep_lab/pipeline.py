@@ -62,7 +62,7 @@ def build_model(run: Run, domain=None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.recipe.seed)
         options = method.net_options(run.recipe)
-        if method.needs_labels:
+        if method.needs_labels and "num_classes" not in options:  # (a method may bring its own label slots: lcf)
             # A method that trains on labels gets a class-conditional net (label num_classes = none).
             if getattr(domain, "num_classes", None) is None:
                 raise ValueError(f"{run.method} trains on class labels; {run.data} "
@@ -156,6 +156,8 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
     teacher = load_teacher(teacher, run, domain)
     if isinstance(teacher, nn.Module):
         teacher = teacher.to(device).eval().requires_grad_(False)
+    if hasattr(method, "prepare_run"):  # a method that starts from another run's checkpoint (lcf) reads it here
+        run = method.prepare_run(run, domain)
     run = replace(run, recipe=method.prepare(run.recipe, teacher))
     path = None if checkpoint_path is None else Path(checkpoint_path)
     if path is not None and not restart:
@@ -164,7 +166,8 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
 
     def train_once(model, loss_fn, ema_decays, *, recipe=None, tag=None):
         r = recipe or run.recipe
-        batch_fn = domain.batch_fn(rank_batch_size(r.batch_size, world), device, labels=method.needs_labels)
+        labels = method.needs_labels and getattr(domain, "num_classes", None) is not None  # lcf: unlabelled data too
+        batch_fn = domain.batch_fn(rank_batch_size(r.batch_size, world), device, labels=labels)
         return train(model, loss_fn, batch_fn, steps=r.steps, lr=r.lr, warmup=r.warmup, lr_schedule=r.lr_schedule,
                      grad_clip=r.grad_clip, ema_decays=ema_decays, seed=r.seed, device=device, bf16=domain.bf16,
                      checkpoint_path=path if path is None or tag is None else tagged_path(path, tag),

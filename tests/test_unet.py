@@ -178,3 +178,46 @@ def test_attention_placement_and_bad_shapes():
         net(torch.zeros(1, 3, 16, 16), torch.zeros(1))
     with pytest.raises(ValueError, match="divisible"):
         UNet(resolution=36, channel_mult=(1, 2, 2, 2))
+
+
+# ----------------------------------------------------------------------------- guidance embedding (LCM)
+
+SMALL = dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.0,
+             resolution=8, in_channels=4, out_channels=4)
+
+
+def test_guidance_embed_off_keeps_the_state_dict_and_on_adds_only_w_keys():
+    torch.manual_seed(0)
+    plain = UNet(**SMALL, num_classes=10)
+    torch.manual_seed(0)
+    guided = UNet(**SMALL, num_classes=10, guidance_embed=True)
+    torch.manual_seed(0)
+    off = UNet(**SMALL, num_classes=10, guidance_embed=False)
+    assert list(off.state_dict()) == list(plain.state_dict())
+    extra = set(guided.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("w_") for k in extra)
+    assert set(plain.state_dict()) <= set(guided.state_dict())
+    # The w branch is built last: the shared weights are drawn as without it.
+    for k, v in plain.state_dict().items():
+        assert torch.equal(guided.state_dict()[k], v), k
+
+
+def test_guidance_embed_shapes_zero_start_and_w_dependence():
+    torch.manual_seed(0)
+    plain = perturbed(UNet(**SMALL, num_classes=10))
+    guided = UNet(**SMALL, num_classes=10, guidance_embed=True)
+    guided.load_state_dict(plain.state_dict(), strict=False)
+    x, c, y = torch.randn(5, 4, 8, 8), torch.linspace(-1, 1, 5), torch.tensor([0, 3, 10, 9, 1])
+    for w in (0.0, 7.5, torch.linspace(0, 14, 5)):
+        out = guided(x, c, (y, w))
+        assert out.shape == x.shape
+        assert torch.equal(out, plain(x, c, y))  # the zero last layer: starts as the net without w
+    with pytest.raises(ValueError, match=r"\(labels, w\)"):
+        guided(x, c, y)
+    with pytest.raises(ValueError, match="w must be"):
+        guided(x, c, (y, torch.zeros(3)))
+    torch.nn.init.normal_(guided.w_map1.weight, std=0.1)
+    assert not torch.allclose(guided(x, c, (y, 0.0)), guided(x, c, (y, 7.0)))
+    # An unconditional net takes (None, w).
+    unc = UNet(**SMALL, guidance_embed=True)
+    assert unc(x, c, (None, 2.0)).shape == x.shape

@@ -29,17 +29,33 @@ from ..recipes import Recipe
 from .domain import Domain, register_domain
 from .images import CLASSES, from_model_range, load_cifar10, random_batch
 
-__all__ = ["Cifar10Recipe", "Cifar10", "ImageEvalResult", "load_images", "image_grid"]
+__all__ = ["CifarImagesRecipe", "UNetRecipe", "Cifar10Recipe", "Cifar10", "ImageEvalResult", "load_images", "image_grid"]
 
 
 @dataclass(frozen=True)
-class Cifar10Recipe(Recipe):
-    """Which images (classes, resolution, count, source) and the U-Net that models them."""
+class CifarImagesRecipe(Recipe):
+    """Which CIFAR-10 images: classes, resolution, count, source (the pixel, latent and autoencoder recipes share it)."""
 
     classes: tuple[str, ...] | None = None  # None: all ten
     resolution: int = 32  # 32, or 16 (2x2 average pooling)
     train_images: int | None = None  # None: every training image of the chosen classes
     source: str = "auto"  # "auto": FEWSTEP_DATA, ./data/cifar10, ../shared; "sample": the shipped sample
+
+    def choices(self) -> dict:
+        return {**super().choices(), "source": ("auto", "sample"), "resolution": (16, 32)}
+
+    def check(self) -> None:
+        super().check()
+        if self.classes is not None and (not self.classes or set(self.classes) - set(CLASSES)):
+            raise ValueError(f"classes must be None or names from {CLASSES}, got {self.classes}")
+        if self.train_images is not None and (not isinstance(self.train_images, int) or self.train_images < 1):
+            raise ValueError(f"train_images must be None or an integer >= 1, got {self.train_images!r}")
+
+
+@dataclass(frozen=True)
+class UNetRecipe(Recipe):
+    """The U-Net's sizes (nets/unet.py) and its precision and memory layout (the pixel and latent domains)."""
+
     model_channels: int = 128
     channel_mult: tuple[int, ...] = (2, 2, 2)
     num_blocks: int = 2
@@ -48,19 +64,17 @@ class Cifar10Recipe(Recipe):
     bf16: bool = False
     channels_last: bool = False
 
-    def choices(self) -> dict:
-        return {"source": ("auto", "sample"), "resolution": (16, 32)}
-
     def check(self) -> None:
         super().check()
-        if self.classes is not None and (not self.classes or set(self.classes) - set(CLASSES)):
-            raise ValueError(f"classes must be None or names from {CLASSES}, got {self.classes}")
-        if self.train_images is not None and (not isinstance(self.train_images, int) or self.train_images < 1):
-            raise ValueError(f"train_images must be None or an integer >= 1, got {self.train_images!r}")
         if not isinstance(self.model_channels, int) or self.model_channels < 1 or not self.channel_mult:
             raise ValueError("model_channels must be >= 1 and channel_mult non-empty")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class Cifar10Recipe(CifarImagesRecipe, UNetRecipe):
+    """Which images (classes, resolution, count, source) and the U-Net that models them."""
 
 
 def load_images(recipe: Cifar10Recipe, split: str = "train", *, root=None, cache_dir=None,

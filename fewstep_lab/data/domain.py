@@ -1,7 +1,7 @@
 """What a data domain is: training batches, the network that fits the data, and how samples are scored.
 
 A domain is a class registered by name (``toy2d``: every 2-D dataset, with the exact mixture
-denoisers; ``cifar10``: CIFAR-10 pixels at 32 or 16 px; room for ``cifar10-latent``). An
+denoisers; ``cifar10``: CIFAR-10 pixels at 32 or 16 px; ``cifar10-latent`` and ``imagefolder:PATH``: latents of a KL autoencoder, decoded for evaluation). An
 instance wraps one data recipe and says:
 
 - ``shape``: the shape of one sample; ``noise(n, generator)``: standard normal draws of it;

@@ -33,8 +33,7 @@ from torch import nn
 
 from ..metrics import mean_std
 from ..nets.unet import UNet
-from ..recipes import Recipe
-from .cifar10_domain import Cifar10, Cifar10Recipe, ImageEvalResult, _to32, load_images
+from .cifar10_domain import Cifar10, Cifar10Recipe, CifarImagesRecipe, ImageEvalResult, UNetRecipe, _to32, load_images
 from .domain import Domain, register_domain
 
 __all__ = ["LatentRecipe", "Cifar10LatentRecipe", "LatentDomain", "Cifar10Latent", "LatentEvalResult",
@@ -51,47 +50,26 @@ LATENT_NETS = {
 
 
 @dataclass(frozen=True)
-class LatentRecipe(Recipe):
+class LatentRecipe(UNetRecipe):
     """The autoencoder (a checkpoint path, or None: the default of ``ae_profile``) and the latent U-Net."""
 
     autoencoder: str | None = None
     ae_profile: str = "gpu"  # which autoencoder_recipe trains the default autoencoder
-    model_channels: int = 128
-    channel_mult: tuple[int, ...] = (2, 2, 2)
-    num_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (4,)
     dropout: float = 0.1
-    bf16: bool = False
-    channels_last: bool = False
 
     def choices(self) -> dict:
-        return {"ae_profile": ("smoke", "cpu", "gpu")}
+        return {**super().choices(), "ae_profile": ("smoke", "cpu", "gpu")}
 
     def check(self) -> None:
         super().check()
         if self.autoencoder is not None and (not isinstance(self.autoencoder, str) or not self.autoencoder.strip()):
             raise ValueError(f"autoencoder must be None or a checkpoint path, got {self.autoencoder!r}")
-        if not isinstance(self.model_channels, int) or self.model_channels < 1 or not self.channel_mult:
-            raise ValueError("model_channels must be >= 1 and channel_mult non-empty")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
-class Cifar10LatentRecipe(LatentRecipe):
+class Cifar10LatentRecipe(CifarImagesRecipe, LatentRecipe):
     """CIFAR-10 images as Cifar10Recipe picks them (classes, resolution, count, source), seen through an autoencoder."""
-
-    classes: tuple[str, ...] | None = None
-    resolution: int = 32
-    train_images: int | None = None
-    source: str = "auto"
-
-    def choices(self) -> dict:
-        return {**super().choices(), "source": ("auto", "sample"), "resolution": (16, 32)}
-
-    def check(self) -> None:
-        super().check()
-        self.image_recipe()  # validates classes and train_images
 
     def image_recipe(self) -> Cifar10Recipe:
         return Cifar10Recipe(classes=self.classes, resolution=self.resolution, train_images=self.train_images,

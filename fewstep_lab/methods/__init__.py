@@ -4,7 +4,9 @@
     consistency.py  cd, ct, ict (consistency distillation / training / improved training)
     progressive.py  pd (progressive distillation)
     guided.py       edm-cfg (class-conditional EDM teacher with label dropout, for guidance)
+    guided.py also  ddpm-cfg (class-conditional DDPM epsilon teacher, LCM's Stable-Diffusion-like teacher)
     lcm.py          lcm (latent consistency distillation of a guided teacher)
+    lcf.py          lcf (latent consistency fine-tuning of an LCM on new data, no teacher)
 
 A new method is one new module that subclasses ``Method`` and calls ``register``; code outside
 the package can register its own (see the README's "How to add a method").
@@ -41,4 +43,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import consistency, diffusion, guided, lcm, progressive  # noqa: E402,F401  (each registers its methods)
+from . import consistency, diffusion, guided, lcf, lcm, progressive  # noqa: E402,F401  (each registers its methods)

@@ -36,6 +36,16 @@ Differences from EDM's SongUNet, on purpose: scale-shift conditioning (ADM's, as
 the course) instead of DDPM++'s additive shift; 64 channels per attention head instead of
 one head; exact zero init instead of 1e-5; labels through an ``nn.Embedding`` with a learnt
 "no label" row instead of a linear map of one-hot vectors.
+
+Guidance embedding (latent consistency models, Luo et al. 2023, sec. 4.2): with
+``guidance_embed=True`` the net also takes the guidance scale w, ``cond = (labels, w)`` (labels
+None for an unconditional net; w a float or a (B,) tensor). w enters as LCM does it (diffusers'
+``time_cond_proj_dim``): a sinusoidal embedding of ``w_scale * w`` (LCM: 1000 w) mapped by a small
+SiLU MLP and added to the noise embedding before the embedding MLP. The w MLP's last layer is
+zero-initialised, so such a net starts as the same net without it: a student copied from its teacher
+(``methods.base.copy_teacher_net(own_prefixes=("w_",))``; every w parameter is named ``w_*``)
+predicts what the teacher predicts. Off by default; a net without it has the state-dict keys it
+had before the option existed (as ``nets.mlp``).
 """
 
 from __future__ import annotations
@@ -161,13 +171,16 @@ class UNet(nn.Module):
         embedding: "positional" (SinusoidalEmbedding) or "fourier" (FourierEmbedding,
             unit-scale frequencies).
         emb_scale: c_noise is multiplied by this before the embedding (see module docstring).
+        guidance_embed: also take the guidance scale w, ``cond = (labels, w)`` (module docstring).
+        w_scale: w is multiplied by this before its sinusoidal embedding (LCM: 1000).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, resolution: int = 32,
                  model_channels: int = 64, channel_mult: tuple[int, ...] = (1, 2, 2),
                  num_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,),
                  dropout: float = 0.1, num_classes: int | None = None,
-                 embedding: str = "positional", emb_scale: float = 1.0):
+                 embedding: str = "positional", emb_scale: float = 1.0,
+                 guidance_embed: bool = False, w_scale: float = 1000.0):
         super().__init__()
         levels = len(channel_mult)
         if levels < 1 or resolution % 2 ** (levels - 1):
@@ -227,6 +240,13 @@ class UNet(nn.Module):
                 self.dec_takes_skip.append(True)
         self.norm_out = _norm(cout)
         self.conv_out = _init(nn.Conv2d(cout, out_channels, 3, padding=1), gain=0.0)
+        # Built last, so that the other weights are drawn as without it (same seed, same shared weights).
+        self.guidance_embed, self.w_scale = bool(guidance_embed), float(w_scale)
+        if guidance_embed:
+            # LCM's w-embedding; the zero last layer makes the branch start as "no w branch at all".
+            self.w_embed = SinusoidalEmbedding(model_channels)
+            self.w_map0 = _init(nn.Linear(model_channels, emb_channels))
+            self.w_map1 = _init(nn.Linear(emb_channels, model_channels), gain=0.0)
 
     def _embedding(self, c_noise, cond, batch: int, device) -> torch.Tensor:
         """Noise (+ label) embedding passed through the two-layer SiLU MLP: (B, 4*model_channels)."""
@@ -236,6 +256,16 @@ class UNet(nn.Module):
         if c_noise.shape != (batch,):
             raise ValueError(f"c_noise must have shape ({batch},), got {tuple(c_noise.shape)}")
         emb = self.embed(c_noise.float() * self.emb_scale)
+        if self.guidance_embed:
+            if not (isinstance(cond, (tuple, list)) and len(cond) == 2):
+                raise ValueError("this UNet takes the guidance scale: pass cond=(labels, w) (labels None for an "
+                                 "unconditional net; w a float or a (B,) tensor)")
+            cond, w = cond
+            w = torch.as_tensor(w, dtype=torch.float32, device=device)
+            w = w.expand(batch) if w.ndim == 0 else w
+            if w.shape != (batch,):
+                raise ValueError(f"w must be a float or have shape ({batch},), got {tuple(w.shape)}")
+            emb = emb + self.w_map1(F.silu(self.w_map0(self.w_embed(w * self.w_scale))))
         if self.label_embed is None:
             if cond is not None:
                 raise ValueError("this UNet is unconditional (num_classes=None) but got cond")
