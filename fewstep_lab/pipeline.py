@@ -62,7 +62,7 @@ def build_model(run: Run, domain=None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.recipe.seed)
         options = method.net_options(run.recipe)
-        if method.needs_labels and "num_classes" not in options:  # (a method may bring its own label slots: lcf)
+        if method.uses_labels(run.recipe) and "num_classes" not in options:  # (a method may bring its own: lcf)
             # A method that trains on labels gets a class-conditional net (label num_classes = none).
             if getattr(domain, "num_classes", None) is None:
                 raise ValueError(f"{run.method} trains on class labels; {run.data} "
@@ -111,7 +111,8 @@ def _check_resume(path: Path, run: Run) -> None:
 def load_teacher(teacher, run: Run, domain=None):
     """A teacher denoiser for `run`: 'exact' (the data's closed-form denoiser), a checkpoint path, or a module.
 
-    A checkpoint must hold a diffusion teacher (a method with is_teacher) trained on the same data.
+    A checkpoint must hold a diffusion teacher (a method with is_teacher) trained on the same data (on the
+    same domain only, when the run's method has teacher_same_data = False: a style LoRA's base model).
     """
     if teacher is None or isinstance(teacher, nn.Module) or callable(teacher):
         return teacher
@@ -125,7 +126,8 @@ def load_teacher(teacher, run: Run, domain=None):
     if not get_method(t_run.method).is_teacher:
         raise ValueError(f"{teacher} holds a {t_run.method} model; {run.method} distils a diffusion teacher: "
                          f"train one with fewstep train --method edm --data ... and pass it as --teacher")
-    if t_run.data != run.data or not domain.same_data(t_run.data_recipe):
+    same = domain.same_data(t_run.data_recipe) or not get_method(run.method).teacher_same_data
+    if t_run.data != run.data or not same:
         raise ValueError(f"the teacher {teacher} was trained on other data ({t_run.data}: {t_run.data_recipe}) than "
                          f"this run asks for ({run.data}: {run.data_recipe}); use the same data and profile")
     return model
@@ -166,7 +168,7 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
 
     def train_once(model, loss_fn, ema_decays, *, recipe=None, tag=None):
         r = recipe or run.recipe
-        labels = method.needs_labels and getattr(domain, "num_classes", None) is not None  # lcf: unlabelled data too
+        labels = method.uses_labels(r) and getattr(domain, "num_classes", None) is not None  # lcf: unlabelled too
         batch_fn = domain.batch_fn(rank_batch_size(r.batch_size, world), device, labels=labels)
         return train(model, loss_fn, batch_fn, steps=r.steps, lr=r.lr, warmup=r.warmup, lr_schedule=r.lr_schedule,
                      grad_clip=r.grad_clip, ema_decays=ema_decays, seed=r.seed, device=device, bf16=domain.bf16,
@@ -176,6 +178,7 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
                      log_every=max(min(100, r.steps // 50), 1), progress=progress, distributed=distributed)
 
     model, state = method.fit(run.recipe, lambda: build_model(run, domain), teacher, train_once)
+    model.fewstep_run = run  # what the model is (a method may read its teacher's run: methods/lora.py)
     return model.eval(), state
 
 
@@ -194,6 +197,7 @@ def load_run(path, *, which: str = "ema", device="cpu") -> tuple[nn.Module, Run]
     run = run_from_dict(meta.get("run", meta.get("recipe")), source=str(path))
     model = build_model(run)
     load_checkpoint(path, model, which=which)
+    model.fewstep_run = run  # what the model is (a method may read its teacher's run: methods/lora.py)
     return model.to(device).eval().requires_grad_(False), run
 
 

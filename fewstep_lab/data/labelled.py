@@ -20,7 +20,7 @@ import torch
 
 from .toy2d import GaussianMixture, _apply
 
-__all__ = ["LabelledGaussianMixture", "eight_gaussians_4class"]
+__all__ = ["LabelledGaussianMixture", "eight_gaussians_4class", "eight_gaussians_4class_inner"]
 
 
 class LabelledGaussianMixture(GaussianMixture):
@@ -115,3 +115,10 @@ def eight_gaussians_4class(radius: float = 0.7, std: float = 0.05) -> LabelledGa
     means = radius * torch.stack([a.cos(), a.sin()], 1)
     return LabelledGaussianMixture(means, torch.full((8,), std**2), torch.arange(8) % 4, name="8gaussians-4class")
 
+
+def eight_gaussians_4class_inner() -> LabelledGaussianMixture:
+    """The same 8 modes and 4 classes on a smaller circle (radius 0.4): a "style" of 8gaussians-4class for a
+    style LoRA (methods/lora.py) fine-tuned from a model of the original."""
+    mix = eight_gaussians_4class(radius=0.4)
+    mix.name = "8gaussians-4class-inner"
+    return mix

@@ -321,6 +321,12 @@ def _eight_gaussians_4class():
     return eight_gaussians_4class()
 
 
+def _eight_gaussians_4class_inner():
+    from .labelled import eight_gaussians_4class_inner
+
+    return eight_gaussians_4class_inner()
+
+
 DATASETS = {
     "8gaussians": eight_gaussians,
     "grid25": grid25,
@@ -332,6 +338,7 @@ DATASETS = {
     "pinwheel": lambda: SampleOnly("pinwheel", _pinwheel),
     # Labelled mixtures (data/labelled.py): exact class-conditional denoisers, for guidance.
     "8gaussians-4class": _eight_gaussians_4class,
+    "8gaussians-4class-inner": _eight_gaussians_4class_inner,  # the same on radius 0.4 (a style LoRA's data)
 }
 
 

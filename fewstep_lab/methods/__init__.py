@@ -7,6 +7,7 @@
     guided.py also  ddpm-cfg (class-conditional DDPM epsilon teacher, LCM's Stable-Diffusion-like teacher)
     lcm.py          lcm (latent consistency distillation of a guided teacher)
     lcf.py          lcf (latent consistency fine-tuning of an LCM on new data, no teacher)
+    lora.py         lcm-lora (LCD into a LoRA of the teacher), lora (style LoRA); combine, export_adapter
 
 A new method is one new module that subclasses ``Method`` and calls ``register``; code outside
 the package can register its own (see the README's "How to add a method").
@@ -43,4 +44,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import consistency, diffusion, guided, lcf, lcm, progressive  # noqa: E402,F401  (each registers its methods)
+from . import consistency, diffusion, guided, lcf, lcm, lora, progressive  # noqa: E402,F401  (each registers)

@@ -13,7 +13,10 @@ says, and nothing else in the package does:
 - ``teacher``: ``"none"`` or ``"denoiser"`` (distillation), and ``is_teacher``: whether its
   models may serve as a teacher;
 - ``needs_labels``: whether it trains on class labels (its loss then receives ``(x0, labels)``
-  and its network is built with the domain's ``num_classes``);
+  and its network is built with the domain's ``num_classes``); ``uses_labels(recipe)``: the same,
+  per run (a method whose network mirrors its teacher's, such as a LoRA, decides from the recipe);
+- ``teacher_same_data``: whether a checkpoint teacher must come from the run's data (False: a base
+  model of the same domain trained on other data, e.g. a style LoRA's);
 - ``sampler(recipe)``, ``sigmas(recipe, steps)``, ``sampler_kwargs(recipe)``,
   ``default_steps(recipe)`` and ``nfe(recipe, sigmas)``: its default sampling and its cost;
 - ``fit(...)``: how training is organised (one call of the train loop by default; rounds for PD);
@@ -81,6 +84,11 @@ class Method:
     teacher: str = "none"  # "none" | "denoiser"
     is_teacher: bool = False
     needs_labels: bool = False  # True: batches are (x0, labels) and the net is class-conditional
+    teacher_same_data: bool = True  # False: the teacher may be trained on other data of the same domain
+
+    def uses_labels(self, recipe) -> bool:
+        """Whether this run trains on labels (and builds a class-conditional net); default: needs_labels."""
+        return self.needs_labels
 
     # ---------------------------------------------------------------- recipe
     def table(self, domain: str, profile: str) -> dict:
