@@ -114,9 +114,10 @@ def _labels(a, run, n: int):
         if a.label is not None or a.w is not None:
             raise ValueError(f"{run.method} models are unconditional: drop --label and --w")
         return None
-    k = make_domain(run).num_classes
-    if a.label is None:
-        return torch.arange(n) % k
+    domain = make_domain(run)
+    k = domain.num_classes
+    if a.label is None:  # the data's own classes in equal shares
+        return domain.balanced_labels(n) if hasattr(domain, "balanced_labels") else torch.arange(n) % k
     if not 0 <= a.label < k:
         raise ValueError(f"--label must be a class in 0..{k - 1}, got {a.label}")
     return torch.full((n,), a.label, dtype=torch.long)

@@ -267,6 +267,8 @@ def evaluate(model, run: Run, *, steps: int | None = None, sigmas=None, sampler:
         if hasattr(domain, "evaluate_classes"):
             return domain.evaluate_classes(lambda labels: condition(model, run, labels, w), name, grid, n=n,
                                            seeds=tuple(seeds), progress=progress, **kwargs)
-        model, kwargs["cond"] = condition(model, run, torch.arange(n) % domain.num_classes, w)
+        # The domain's own classes in equal shares (a class subset of CIFAR-10 keeps its CIFAR indices).
+        labels = domain.balanced_labels(n) if hasattr(domain, "balanced_labels") else torch.arange(n) % domain.num_classes
+        model, kwargs["cond"] = condition(model, run, labels, w)
     return domain.evaluate(model, name, grid, n=n or domain.default_n, seeds=tuple(seeds), progress=progress,
                            **kwargs)
