@@ -180,7 +180,7 @@ def _bench_dataset(ds: str, profile: str, s: BenchSettings, out: Path, device, l
         note = row.note + (f"; {k} seed(s)" if row.seeds != "seeds" else "")
         res = evaluate(model, run, steps=row.steps, sampler=row.sampler, n=s.n, seeds=tuple(range(k)), domain=domain,
                        w=row.w)
-        note = note + (f"; w = {row.w:g}, per class" if row.w is not None else "")
+        note = "; ".join(t for t in (note, f"w = {row.w:g}, per class" if row.w is not None else "") if t)
         rows.append(result_row(label, res, note, secs))
     log(f"  {ds}: {len(rows)} rows")
     for r in rows:
