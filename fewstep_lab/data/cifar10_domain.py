@@ -186,14 +186,6 @@ class Cifar10(Domain):
 
     default_n, default_seeds, metric = 1000, 1, "FD"
 
-    @property
-    def bf16(self):
-        return self.recipe.bf16
-
-    @property
-    def memory_format(self):
-        return torch.channels_last if self.recipe.channels_last else torch.contiguous_format
-
     def batch_fn(self, batch_size: int, device="cpu", *, labels: bool = False):
         """fn(generator) -> x0 (B, 3, R, R) in [-1, 1], flipped at random; with labels, (x0, class indices)."""
         images = self.images

@@ -46,8 +46,17 @@ class Domain:
 
     exact_denoiser = None
     num_classes = None  # labelled data: the number of classes (the nets' label slot num_classes = none)
-    bf16 = False  # train under bf16 autocast
-    memory_format = torch.contiguous_format
+
+    @property
+    def bf16(self) -> bool:
+        """Train under bf16 autocast: the recipe's ``bf16`` field when it has one (image domains)."""
+        return bool(getattr(self.recipe, "bf16", False))
+
+    @property
+    def memory_format(self):
+        """channels_last when the recipe asks for it (image domains), else the contiguous format."""
+        return torch.channels_last if getattr(self.recipe, "channels_last", False) else torch.contiguous_format
+
     default_n = 50_000  # samples per evaluation
     default_seeds = 3
     metric = "metric"

@@ -194,14 +194,6 @@ class LatentDomain(Domain):
                              encode_images(self.autoencoder, self.images, flip=True, **kw))
         return self._latents
 
-    @property
-    def bf16(self):
-        return self.recipe.bf16
-
-    @property
-    def memory_format(self):
-        return torch.channels_last if self.recipe.channels_last else torch.contiguous_format
-
     def batch_fn(self, batch_size: int, device="cpu", *, labels: bool = False):
         """fn(generator) -> latents (B, c, h, w) drawn uniformly, each mirrored with p = 1/2; with labels, (z, y)."""
         z, z_flip = self.latents
