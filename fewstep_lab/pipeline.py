@@ -11,6 +11,7 @@ load back through the registries: no pickled code ever runs. No paper: this is p
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .data.registry import get_domain, resolve_data
 from .methods import get_method
 from .methods.base import tagged_path
 from .profiles import PROFILES, get_profile
+from .io import LockedError
 from .recipes import Run, apply_overrides, recipe_from_fields
 from .train import TrainState, load_checkpoint, read_checkpoint_meta, train
 
@@ -184,13 +186,27 @@ def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, prog
     return model.eval(), state
 
 
-def load_or_train(run: Run, checkpoint_path, **kwargs) -> tuple[nn.Module, TrainState]:
+def load_or_train(run: Run, checkpoint_path, *, wait_s: float = 3600.0, **kwargs) -> tuple[nn.Module, TrainState]:
     """The run's model from checkpoint_path when it holds this run (finished: loaded; unfinished: resumed);
-    otherwise trained there afresh, replacing what the file held. Notebooks share models this way."""
-    try:
-        return train_run(run, checkpoint_path=checkpoint_path, **kwargs)
-    except RunMismatchError:
-        return train_run(run, checkpoint_path=checkpoint_path, restart=True, **kwargs)
+    otherwise trained there afresh, replacing what the file held. Notebooks share models this way.
+
+    When another process is training into the same file (two notebooks run side by side), this waits
+    for it, up to wait_s seconds, and then loads (or resumes) what it wrote.
+    """
+    t0, told = time.monotonic(), False
+    while True:
+        try:
+            try:
+                return train_run(run, checkpoint_path=checkpoint_path, **kwargs)
+            except RunMismatchError:
+                return train_run(run, checkpoint_path=checkpoint_path, restart=True, **kwargs)
+        except LockedError:
+            if time.monotonic() - t0 > wait_s:
+                raise
+            if not told:
+                print(f"another process is training {checkpoint_path}: waiting for it", flush=True)
+                told = True
+            time.sleep(2.0)
 
 
 def load_run(path, *, which: str = "ema", device="cpu") -> tuple[nn.Module, Run]:

@@ -4,6 +4,8 @@ validate; checkpoints of other runs and of older versions are refused with a mes
 
 import json
 import math
+import socket
+import threading
 from dataclasses import dataclass, replace
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from fewstep_lab import pipeline as P
 from fewstep_lab.cli import main
+from fewstep_lab.io import LockedError
 from fewstep_lab.losses.denoising import _per_sample
 from fewstep_lab.methods import METHODS, Method, get_method, register, sampler_nfe, unregister
 from fewstep_lab.precond import Precond, get_scalings
@@ -210,3 +213,30 @@ def test_a_finished_image_run_is_loaded_not_retrained(tmp_path):
     stamp = path.stat().st_mtime_ns
     _, again = P.load_or_train(run, path, device="cpu", progress=False)
     assert path.stat().st_mtime_ns == stamp and again.step == first.step == 2
+
+
+def test_load_or_train_waits_for_another_process_training_the_same_file(tmp_path):
+    # Two notebooks side by side (pytest -n 2) share a checkpoint: the second waits for the first, then loads.
+    import subprocess
+    import sys
+    import time
+
+    from fewstep_lab.io import FileLock
+
+    run = P.make_run("edm", "8gaussians", "smoke", steps=3)
+    path = tmp_path / "shared.pt"
+    lock = FileLock(path, purpose="training into")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.path.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": time.time()}))
+        with pytest.raises(LockedError):
+            P.load_or_train(run, path, progress=False, wait_s=0.0)
+
+        def release():
+            time.sleep(1.5)
+            lock.path.unlink()
+        threading.Thread(target=release).start()
+        _, state = P.load_or_train(run, path, progress=False, wait_s=30.0)
+        assert state.step == 3 and path.is_file()
+    finally:
+        holder.kill()
