@@ -35,10 +35,12 @@ from .io import atomic_write_text
 from .methods import get_method
 from .methods.consistency import CTRecipe
 from .pipeline import evaluate, load_run, make_domain, make_run, train_run
+from .data.registry import resolve_data
 from .profiles import get_device, get_profile
 
 __all__ = ["BenchSettings", "BENCH_SETTINGS", "BenchModel", "BenchRow", "MODELS", "ROWS", "run_bench", "format_table",
-           "result_row", "LCM_MODELS", "LCM_ROWS", "LCM_W"]
+           "result_row", "LCM_MODELS", "LCM_ROWS", "LCM_W",
+           "LATENT_MODELS", "LATENT_ROWS", "format_latent_table"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,17 @@ LCM_ROWS = (
     *(BenchRow("cd_cfg", k, note=_CFG, w=LCM_W) for k in (1, 4)),
 )
 
+LATENT_DOMAINS = ("cifar10-latent",)
+# LCM's table on CIFAR-10 latents (opt-in: --datasets cifar10-latent): the latent DDPM-CFG teacher's guided
+# DDIM against LCM at the same w; FD of decoded images, the shipped classifier's accuracy, time per image.
+LATENT_N = {"smoke": 64, "cpu": 1000, "gpu": 10_000}  # decoded images per row (at most the settings' n)
+LATENT_MODELS = (
+    BenchModel("teacher", "ddpm-cfg", "DDPM-CFG teacher, guided DDIM"),
+    BenchModel("lcm", "lcm", "LCM (k = {k}, w in [{w_min:g}, {w_max:g}])", teacher="teacher"),
+)
+LATENT_ROWS = (*(BenchRow("teacher", k, note=_CFG, w=LCM_W) for k in (50, 20, 8, 4)),
+               *(BenchRow("lcm", k, w=LCM_W) for k in (1, 2, 4)))
+
 
 def result_row(label: str, res, note: str = "", train_seconds: float | None = None) -> dict:
     """A table row (a dict for format_table) from an EvalResult."""
@@ -190,6 +203,39 @@ def _bench_dataset(ds: str, profile: str, s: BenchSettings, out: Path, device, l
     return rows
 
 
+def _bench_latent(ds: str, profile: str, s: BenchSettings, out: Path, device, log) -> list[dict]:
+    """LCM's rows on a latent image domain: FD and classifier accuracy of decoded samples, ms per image."""
+    n = min(s.n, LATENT_N[profile])
+    trained = _train_models(ds, profile, out, device, log, LATENT_MODELS)
+    domain = make_domain(trained["teacher"][1])
+    floor = domain.floor(n)
+    rows = [{"method": "real training images (floor)", "fd_mean": floor[0], "fd_std": floor[1], "nfe": 0,
+             "note": f"FD of {n} images against the test set"}]
+    for row in LATENT_ROWS:
+        model, run, label, secs, _ = trained[row.model]
+        res = evaluate(model, run, steps=row.steps, n=n, seeds=(0,), domain=domain, w=row.w)
+        note = "; ".join(t for t in (row.note, f"w = {row.w:g}") if t)
+        rows.append({"dataset": ds, "method": label, "steps": res.steps, "nfe": res.nfe, "fd_mean": res.fd_mean,
+                     "fd_std": res.fd_std, "accuracy": res.accuracy, "ms_per_image": 1000 * res.seconds_per_image,
+                     "train_seconds": secs,
+                     "note": note})
+    rows[0]["dataset"] = ds
+    log(f"  {ds}: {len(rows)} rows (n = {n} decoded images per row)")
+    return rows
+
+
+def format_latent_table(rows: list[dict]) -> str:
+    """A markdown table of latent bench rows (FD, classifier accuracy, time per image including decoding)."""
+    lines = ["| dataset | method | steps | calls | FD | classifier accuracy | ms / image (with decoding) | train s | note |",
+             "|" + "---|" * 9]
+    for r in rows:
+        fmt = lambda k, f: (f.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
+        lines.append(f"| {r['dataset']} | {r['method']} | {fmt('steps', '{}')} | {fmt('nfe', '{:.0f}')} | "
+                     f"{r['fd_mean']:.3f} | {fmt('accuracy', '{:.3f}')} | {fmt('ms_per_image', '{:.2f}')} | "
+                     f"{fmt('train_seconds', '{:.0f}')} | {r.get('note', '')} |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     """A markdown table of bench rows."""
     head = "| dataset | method | steps | NFE | sliced W2 (mean ± std) | × floor | mode TV | s / 10k samples | train s | note |"
@@ -215,11 +261,16 @@ def run_bench(profile=None, datasets=None, seeds=None, n=None, out_dir="runs/ben
     device = get_device(device)
     out = Path(out_dir) / profile
     out.mkdir(parents=True, exist_ok=True)
-    rows, t0 = [], time.perf_counter()
+    rows, latent, t0 = [], [], time.perf_counter()
     for ds in s.datasets:
         log(f"{ds} ({profile} profile, n = {s.n}, {s.seeds} seeds)")
-        rows += _bench_dataset(ds, profile, s, out / ds, device, log)
-    table = format_table(rows)
+        if resolve_data(ds)[0] in LATENT_DOMAINS:
+            latent += _bench_latent(ds, profile, s, out / ds, device, log)
+        else:
+            rows += _bench_dataset(ds, profile, s, out / ds, device, log)
+    table = "\n\n".join(t for t in (format_table(rows) if rows else "", format_latent_table(latent) if latent else "")
+                         if t)
+    rows = rows + latent
     header = (f"fewstep bench --profile {profile}: n = {s.n}, {s.seeds} seeds, device {device}, "
               f"torch threads {torch.get_num_threads()}, total {time.perf_counter() - t0:.0f} s")
     # Atomic writes: an interrupted run or a full disk keeps the previous table.

@@ -78,3 +78,17 @@ def test_labelled_data_get_lcm_s_table_with_its_ablations(tmp_path):
     assert {("perfect guided teacher, DDIM", 4), ("EDM-CFG teacher, DDIM", 8)} <= set(by)
     for r in rows[1:]:
         assert r["note"].endswith("w = 3, per class") and not r["note"].startswith(";") and math.isfinite(r["swd_mean"])
+
+
+def test_cifar10_latents_get_lcm_s_rows_with_fd_accuracy_and_time(tmp_path):
+    rows = bench.run_bench("smoke", datasets=["cifar10-latent"], n=32, seeds=1, out_dir=tmp_path, device="cpu",
+                           log=lambda *_: None)
+    assert rows[0]["method"] == "real training images (floor)"
+    teacher = sorted(r["steps"] for r in rows if r["method"].startswith("DDPM-CFG"))
+    lcm = sorted(r["steps"] for r in rows if r["method"].startswith("LCM"))
+    assert teacher == [4, 8, 20, 50] and lcm == [1, 2, 4]
+    for r in rows[1:]:
+        assert math.isfinite(r["fd_mean"]) and 0 <= r["accuracy"] <= 1 and r["ms_per_image"] > 0, r
+        assert r["note"].endswith("w = 3")
+    table = (tmp_path / "smoke" / "table.md").read_text()
+    assert "classifier accuracy" in table and table.count("| cifar10-latent |") == len(rows)
