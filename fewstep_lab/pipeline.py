@@ -138,15 +138,31 @@ def load_teacher(teacher, run: Run, domain=None):
     return model
 
 
-def train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, progress: bool = True,
-              restart: bool = False, checkpoint_every: int = 0, hooks=(), distributed: bool = False,
-              domain=None, root=None) -> tuple[nn.Module, TrainState]:
+def train_run(run: Run, *, wait_s: float = 0.0, **kwargs) -> tuple[nn.Module, TrainState]:
     """Train `run` (resuming from checkpoint_path unless restart); returns (the model to sample, its state).
 
     teacher: for distillation methods, a denoiser, a checkpoint path or 'exact'. A checkpoint
     path that holds another run is refused (RunMismatchError) unless restart=True; with restart the
-    old file is replaced only when the new run writes its first checkpoint.
+    old file is replaced only when the new run writes its first checkpoint. A checkpoint another
+    process is training into is refused (io.LockedError), or, with wait_s > 0, waited for (up to
+    wait_s seconds; notebooks that share a model) and then loaded or resumed.
     """
+    t0, told = time.monotonic(), False
+    while True:
+        try:
+            return _train_run(run, **kwargs)
+        except LockedError:
+            if time.monotonic() - t0 >= wait_s:
+                raise
+            if not told:
+                print(f"another process is training {kwargs.get('checkpoint_path')}: waiting for it", flush=True)
+                told = True
+            time.sleep(2.0)
+
+
+def _train_run(run: Run, *, teacher=None, checkpoint_path=None, device=None, progress: bool = True,
+              restart: bool = False, checkpoint_every: int = 0, hooks=(), distributed: bool = False,
+              domain=None, root=None) -> tuple[nn.Module, TrainState]:
     from .distributed import rank_batch_size
     from .profiles import get_device
 
@@ -193,20 +209,10 @@ def load_or_train(run: Run, checkpoint_path, *, wait_s: float = 3600.0, **kwargs
     When another process is training into the same file (two notebooks run side by side), this waits
     for it, up to wait_s seconds, and then loads (or resumes) what it wrote.
     """
-    t0, told = time.monotonic(), False
-    while True:
-        try:
-            try:
-                return train_run(run, checkpoint_path=checkpoint_path, **kwargs)
-            except RunMismatchError:
-                return train_run(run, checkpoint_path=checkpoint_path, restart=True, **kwargs)
-        except LockedError:
-            if time.monotonic() - t0 > wait_s:
-                raise
-            if not told:
-                print(f"another process is training {checkpoint_path}: waiting for it", flush=True)
-                told = True
-            time.sleep(2.0)
+    try:
+        return train_run(run, checkpoint_path=checkpoint_path, wait_s=wait_s, **kwargs)
+    except RunMismatchError:
+        return train_run(run, checkpoint_path=checkpoint_path, restart=True, wait_s=wait_s, **kwargs)
 
 
 def load_run(path, *, which: str = "ema", device="cpu") -> tuple[nn.Module, Run]:

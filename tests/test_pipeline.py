@@ -240,3 +240,29 @@ def test_load_or_train_waits_for_another_process_training_the_same_file(tmp_path
         assert state.step == 3 and path.is_file()
     finally:
         holder.kill()
+
+
+def test_train_run_refuses_a_locked_checkpoint_unless_asked_to_wait(tmp_path):
+    import time
+
+    from fewstep_lab.io import FileLock
+
+    run, path = P.make_run("edm", "8gaussians", "smoke", steps=2), tmp_path / "x.pt"
+    lock = FileLock(path)
+    lock.path.write_text(json.dumps({"pid": 1, "host": socket.gethostname(),
+                                     "started": time.time()}))
+    assert _pid_is_alive(1)  # pid 1 runs on every Linux host: the lock is live
+    with pytest.raises(LockedError):
+        P.train_run(run, checkpoint_path=path, progress=False)
+
+    def release():
+        time.sleep(1.0)
+        lock.path.unlink()
+    threading.Thread(target=release).start()
+    _, state = P.train_run(run, checkpoint_path=path, progress=False, restart=True, wait_s=30)
+    assert state.step == 2
+
+
+def _pid_is_alive(pid):
+    from fewstep_lab.io import _pid_alive
+    return _pid_alive(pid)
