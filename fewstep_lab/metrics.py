@@ -50,11 +50,8 @@ def w2_exact(x: torch.Tensor, y: torch.Tensor) -> float:
     return math.sqrt(float(cost[rows, cols].mean()))
 
 
-def sliced_w2(x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, generator=None) -> float:
-    """Sliced 2-Wasserstein distance with random directions, by sorting projections (equal n)."""
-    x, y = _as2d(x, "x"), _as2d(y, "y")
-    if x.shape != y.shape:
-        raise ValueError(f"sliced_w2 needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+def _sorted_projections(x, y, num_projections: int, generator):
+    """x and y projected on the same random unit directions, each row sorted: (P, n) and (P, m) float64."""
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     dirs = torch.randn(x.shape[1], num_projections, generator=generator, dtype=torch.float64)
@@ -62,6 +59,15 @@ def sliced_w2(x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, gene
     # (P, n) rows: sorting contiguous rows is several times faster than sorting strided columns.
     px, _ = torch.sort((x @ dirs).T.contiguous(), dim=1)
     py, _ = torch.sort((y @ dirs).T.contiguous(), dim=1)
+    return px, py
+
+
+def sliced_w2(x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, generator=None) -> float:
+    """Sliced 2-Wasserstein distance with random directions, by sorting projections (equal n)."""
+    x, y = _as2d(x, "x"), _as2d(y, "y")
+    if x.shape != y.shape:
+        raise ValueError(f"sliced_w2 needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    px, py = _sorted_projections(x, y, num_projections, generator)
     return math.sqrt(float(((px - py) ** 2).mean()))
 
 
@@ -132,12 +138,7 @@ def sliced_w2_unequal(x: torch.Tensor, y: torch.Tensor, num_projections: int = 2
     x, y = _as2d(x, "x"), _as2d(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    dirs = torch.randn(x.shape[1], num_projections, generator=generator, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    px, _ = torch.sort((x @ dirs).T.contiguous(), dim=1)
-    py, _ = torch.sort((y @ dirs).T.contiguous(), dim=1)
+    px, py = _sorted_projections(x, y, num_projections, generator)
     n, m = px.shape[1], py.shape[1]
     # breakpoints of both step functions, in (0, 1]; on (u_{k-1}, u_k] the quantile indices are constant
     u = torch.unique(torch.cat([torch.arange(1, n + 1, dtype=torch.float64) / n,

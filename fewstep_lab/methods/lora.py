@@ -207,7 +207,22 @@ def _drop_w(f):
     return lambda x, sigma, cond: f(x, sigma, cond[0])
 
 
-class LCMLoRA(Method):
+class _OnTeacherNet(Method):
+    """What both LoRA methods share: the teacher's own network and denoiser form, plus a LoRA named "default"."""
+
+    def net_options(self, recipe):
+        m, r = _base_recipe(recipe)
+        return m.net_options(r)
+
+    def lora_denoiser(self, recipe, net):
+        """The teacher method's denoiser around `net`, with a fresh (zero) LoRA of the recipe's rank injected."""
+        m, r = _base_recipe(recipe)
+        D = m.build(r, net)
+        inject_lora(D, recipe.rank, recipe.alpha, name="default")
+        return D
+
+
+class LCMLoRA(_OnTeacherNet):
     name, title, recipe_cls, teacher = "lcm-lora", "LCM-LoRA", LCMLoRARecipe, "denoiser"
     needs_labels = True
     # Toy: one guidance scale (the student cannot see w), rank 8 of the 128-wide MLP (not tuned beyond a sweep
@@ -221,14 +236,8 @@ class LCMLoRA(Method):
                 "cifar10-latent": {"smoke": dict(_LATENT, steps=10), "cpu": dict(_LATENT, steps=300),
                                    "gpu": dict(_LATENT, steps=20_000, rank=64, lr=1e-4)}}
 
-    def net_options(self, recipe):
-        m, r = _base_recipe(recipe)
-        return m.net_options(r)
-
     def build(self, recipe, net):
-        m, r = _base_recipe(recipe)
-        D = m.build(r, net)
-        inject_lora(D, recipe.rank, recipe.alpha, name="default")
+        D = self.lora_denoiser(recipe, net)
         return LCMBoundary(D, sigma_min=recipe.sigma_min, sigma_data=recipe.sigma_data,
                            timestep_scaling=recipe.timestep_scaling, ddpm_schedule=recipe.ddpm_schedule,
                            num_timesteps=recipe.N if recipe.ddpm_schedule else None)
@@ -294,7 +303,7 @@ class StyleLoRARecipe(NoiseRecipe):
         _check_adapter(self)
 
 
-class StyleLoRA(Method):
+class StyleLoRA(_OnTeacherNet):
     name, title, recipe_cls, teacher = "lora", "style LoRA", StyleLoRARecipe, "denoiser"
     teacher_same_data = False
     _TOY = dict(rank=8, lr=2e-3, lr_schedule="cosine")
@@ -312,15 +321,8 @@ class StyleLoRA(Method):
     def uses_labels(self, recipe):
         return get_method(recipe.base).uses_labels(_base_recipe(recipe)[1])
 
-    def net_options(self, recipe):
-        m, r = _base_recipe(recipe)
-        return m.net_options(r)
-
     def build(self, recipe, net):
-        m, r = _base_recipe(recipe)
-        D = m.build(r, net)
-        inject_lora(D, recipe.rank, recipe.alpha, name="default")
-        return D
+        return self.lora_denoiser(recipe, net)
 
     def prepare(self, recipe, teacher):
         return _with_base(recipe, teacher, self.name)
